@@ -1,0 +1,733 @@
+"""resumable: a training loop that survives every interruption.
+
+Run it, kill it any way you like, run the same command again: training continues at
+the exact sample where the newest complete checkpoint was taken, and the final weights
+are the same, bit for bit (on CPU), as those of a run that was never interrupted.
+
+    python train_loop.py [flags]                      one process
+    accelerate launch train_loop.py [flags]           as configured
+    ./launch.sh [--retries N] [flags]                 the user's entry point
+
+Exit codes: 0 done (or already done) · 1 failed · 2 bad command line or input, nothing
+written · 75 stopped early with a fresh checkpoint, run again to continue · 130 aborted
+by a second Ctrl+C (the previous checkpoint stays valid).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import state
+from state import TrainingState
+
+EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED_EARLY, EXIT_ABORTED = 0, 1, 2, 75, 130
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL_CONFIG = REPO_DIR / "configs" / "gpt2-small-byte.json"
+
+
+class UsageError(Exception):
+    """Bad command line or input: one line for the user, exit 2, nothing written."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def flag(default, help, **extra):
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """Every command-line flag. Names follow transformers' TrainingArguments."""
+
+    output_dir: str = flag("./results", "where checkpoints, logs and the final model go")
+    # what to train
+    config_name: str = flag(None, "model config file (.json) or directory; default: the built-in small GPT-2")
+    tokenizer_name: str = flag(None, "tokenizer directory or hub id; default: a byte-level tokenizer (no download)")
+    train_file: str = flag(None, "training data: .txt, .json/.jsonl, .csv or .parquet")
+    text_column: str = flag("text", "the column of --train_file or --dataset_name that holds the text")
+    dataset_name: str = flag(None, "a data set on the Hugging Face hub")
+    dataset_config_name: str = flag(None, "the configuration of --dataset_name")
+    max_train_samples: int = flag(None, "train on the first N samples (blocks) only")
+    block_size: int = flag(128, "tokens per training sample")
+    # how long
+    max_steps: int = flag(-1, "optimizer steps to train; overrides --num_train_epochs when > 0")
+    num_train_epochs: float = flag(3.0, "epochs to train when --max_steps is not set")
+    max_time: str = flag(None, "stop with a checkpoint before this much wall time: 5400, 90m, 1h30m or 01:30:00")
+    # optimization
+    per_device_train_batch_size: int = flag(8, "samples per process per micro-batch")
+    gradient_accumulation_steps: int = flag(1, "micro-batches per optimizer step")
+    learning_rate: float = flag(5e-4, "peak learning rate of AdamW")
+    weight_decay: float = flag(0.0, "AdamW weight decay (not applied to biases and norms)")
+    warmup_steps: int = flag(0, "linear warm-up steps")
+    lr_scheduler_type: str = flag("linear", "linear, cosine, constant, constant_with_warmup, ...")
+    max_grad_norm: float = flag(1.0, "clip gradients to this norm (0 disables)")
+    seed: int = flag(42, "seed for initialization, data order and dropout")
+    dataloader_num_workers: int = flag(0, "data-loading worker processes per rank")
+    # checkpoints and logs
+    save_steps: int = flag(1000, "save a checkpoint every N optimizer steps")
+    save_total_limit: int = flag(3, "keep the newest N checkpoints")
+    logging_steps: int = flag(50, "log loss and learning rate every N steps")
+    resume_from_checkpoint: str = flag("auto", "auto (newest valid in --output_dir), none (start fresh) or a path")
+    allow_config_change: bool = flag(False, "resume even if flags that change the result differ from the checkpoint")
+    exit_code_file: str = flag(None, "write the exit code here (launch.sh: accelerate launch reports every failure as 1)")
+
+    def validate(self) -> None:
+        """Raise UsageError naming the flag for the first bad value."""
+        positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "block_size", "save_steps", "logging_steps"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be a positive integer (got {getattr(self, name)})")
+        if self.learning_rate < 0:
+            raise UsageError(f"--learning_rate must not be negative (got {self.learning_rate})")
+        if self.weight_decay < 0:
+            raise UsageError(f"--weight_decay must not be negative (got {self.weight_decay})")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise UsageError("set --max_steps or --num_train_epochs to a positive number")
+        if self.save_total_limit < 1:
+            raise UsageError(f"--save_total_limit must be at least 1 (got {self.save_total_limit}); resuming needs a checkpoint")
+        if self.max_train_samples is not None and self.max_train_samples <= 0:
+            raise UsageError(f"--max_train_samples must be positive (got {self.max_train_samples})")
+        if self.dataloader_num_workers < 0:
+            raise UsageError(f"--dataloader_num_workers must not be negative (got {self.dataloader_num_workers})")
+        if self.max_time is not None:
+            parse_duration(self.max_time)
+        if self.train_file and self.dataset_name:
+            raise UsageError("give either --train_file or --dataset_name, not both")
+        if self.train_file and not Path(self.train_file).is_file():
+            raise UsageError(f"--train_file {self.train_file}: no such file")
+        if self.train_file and data_builder_for(self.train_file) is None:
+            raise UsageError(f"--train_file {self.train_file}: use a .txt, .json, .jsonl, .csv or .parquet file")
+        if self.config_name and not Path(self.config_name).exists():
+            raise UsageError(f"--config_name {self.config_name}: no such file or directory")
+        output_dir = Path(self.output_dir)
+        if output_dir.exists() and not output_dir.is_dir():
+            raise UsageError(f"--output_dir {self.output_dir} is a file; give a directory")
+        existing = next((p for p in [output_dir, *output_dir.parents] if p.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"--output_dir {self.output_dir} is not writable ({existing} is read-only); choose another")
+        if self.resume_from_checkpoint not in ("auto", "none") and not Path(self.resume_from_checkpoint).is_dir():
+            raise UsageError(f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such checkpoint directory")
+
+    @property
+    def model_config_path(self) -> str:
+        return self.config_name or str(DEFAULT_MODEL_CONFIG)
+
+
+# Flags whose change makes a resumed run differ from an uninterrupted one.
+RESULT_CHANGING_FLAGS = [
+    "seed", "per_device_train_batch_size", "global_batch_size", "block_size", "model_config",
+    "tokenizer_name", "train_file", "dataset_name", "dataset_config_name", "text_column",
+    "max_train_samples", "data_fingerprint", "learning_rate", "weight_decay", "warmup_steps",
+    "lr_scheduler_type", "max_grad_norm", "num_train_epochs",
+]  # fmt: skip
+
+
+class _ArgumentParser(__import__("argparse").ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every other bad input
+        raise UsageError(message)
+
+
+def parse_config(argv) -> TrainingConfig:
+    parser = _ArgumentParser(prog="train_loop.py", description=__doc__.split("\n\n")[0])
+    for field in dataclasses.fields(TrainingConfig):
+        if field.type == "bool":
+            parser.add_argument(f"--{field.name}", action="store_true", help=field.metadata["help"])
+        else:
+            kind = {"int": int, "float": float}.get(field.type, str)
+            parser.add_argument(f"--{field.name}", type=kind, default=field.default, help=field.metadata["help"])
+    return TrainingConfig(**vars(parser.parse_args(argv)))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '5400', '90m', '1h30m', '2h', '45s' or '01:30:00'."""
+    text = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    if re.fullmatch(r"(\d+:)?\d+:\d+", text):
+        seconds = 0.0
+        for part in text.split(":"):
+            seconds = seconds * 60 + int(part)
+        return seconds
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text)
+    if text and match:
+        hours, minutes, seconds = (int(group or 0) for group in match.groups())
+        return hours * 3600 + minutes * 60 + seconds
+    raise UsageError(f"--max_time {text!r}: use seconds (5400), 90m, 1h30m or 01:30:00")
+
+
+# --------------------------------------------------------------------------- stopping early
+
+
+class StopRequests:
+    """Signals and deadlines that ask the run to stop at the next step boundary.
+
+    The handler only records the request: the loop saves and exits at a step boundary
+    where every rank agrees to stop.
+    """
+
+    def __init__(self):
+        self.reason = None
+        self._first_interrupt_at = None
+
+    def install(self) -> None:
+        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(number, self._on_signal)
+
+    def _on_signal(self, number, frame) -> None:
+        now = time.monotonic()
+        if number == signal.SIGINT and self._first_interrupt_at is not None:
+            # A second Ctrl+C aborts at once. torchrun forwards the terminal's SIGINT to
+            # every worker, so the same key press can arrive twice within milliseconds:
+            # only a press a moment later counts as the second one.
+            if now - self._first_interrupt_at > 1.0:
+                os._exit(EXIT_ABORTED)  # saves are atomic: the previous checkpoint stays valid
+            return
+        if number == signal.SIGINT:
+            self._first_interrupt_at = now
+        self.reason = self.reason or signal.Signals(number).name
+
+    def request(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+
+class Deadline:
+    """The wall-clock time by which this process must have saved and exited, if any.
+
+    The margin kept before it is derived from measured save and step times, so a run
+    stops early enough to finish its last save.
+    """
+
+    def __init__(self, max_time_seconds: float | None, started_at: float):
+        limits = []
+        if max_time_seconds is not None:
+            limits.append(started_at + max_time_seconds)
+        slurm_end = slurm_job_end_time()
+        if slurm_end is not None:
+            limits.append(slurm_end)
+        self.at = min(limits) if limits else None
+        self.save_seconds = 5.0  # until a save has been measured
+        self.step_seconds = 0.0
+
+    def reached(self, now: float) -> bool:
+        if self.at is None:
+            return False
+        margin = 1.5 * self.save_seconds + 3 * self.step_seconds + 2.0
+        return now + margin >= self.at
+
+    def describe(self) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.at))
+
+
+def slurm_job_end_time() -> float | None:
+    """The SLURM job's end time (epoch seconds), when running inside a SLURM job."""
+    if os.environ.get("SLURM_JOB_END_TIME", "").isdigit():
+        return float(os.environ["SLURM_JOB_END_TIME"])
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id or not shutil.which("squeue"):
+        return None
+    try:
+        answer = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%e"], capture_output=True, text=True, timeout=20)
+        end = time.mktime(time.strptime(answer.stdout.strip(), "%Y-%m-%dT%H:%M:%S"))
+    except (subprocess.SubprocessError, ValueError, OSError):
+        return None  # no time limit known ("NONE", "UNLIMITED" or squeue unavailable)
+    return end
+
+
+# --------------------------------------------------------------------------- data
+
+
+def data_builder_for(path: str) -> str | None:
+    suffix = Path(path).suffix.lower()
+    return {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(suffix)
+
+
+def builtin_corpus_files() -> list[str]:
+    """The Python standard library's top-level .py files: text every machine has."""
+    import sysconfig
+
+    return sorted(str(path) for path in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+
+
+def load_raw_text(config: TrainingConfig):
+    import datasets
+
+    if config.dataset_name:
+        raw = datasets.load_dataset(config.dataset_name, config.dataset_config_name, split="train")
+    elif config.train_file:
+        builder = data_builder_for(config.train_file)
+        raw = datasets.load_dataset(builder, data_files={"train": config.train_file}, split="train")
+    else:
+        files = builtin_corpus_files()
+        raw = datasets.load_dataset("text", data_files={"train": files}, sample_by="document", split="train")
+    if config.text_column not in raw.column_names:
+        columns = ", ".join(raw.column_names)
+        raise UsageError(f"--text_column {config.text_column!r} is not in the data (columns: {columns}); pass one of them")
+    return raw
+
+
+def tokenize_and_group(raw, tokenizer, config: TrainingConfig, accelerator):
+    """Token blocks of exactly --block_size, cached by `datasets` so a restart does not redo them."""
+
+    def tokenize(batch):
+        return {"input_ids": tokenizer(batch[config.text_column])["input_ids"]}
+
+    def group_into_blocks(batch):
+        tokens = list(itertools.chain.from_iterable(batch["input_ids"]))
+        usable = len(tokens) - len(tokens) % config.block_size
+        return {"input_ids": [tokens[i : i + config.block_size] for i in range(0, usable, config.block_size)]}
+
+    # The main process fills the cache first; the others then read it instead of redoing it.
+    with accelerator.main_process_first():
+        tokenized = raw.map(tokenize, batched=True, remove_columns=raw.column_names, desc="Tokenizing")
+        blocks = tokenized.map(group_into_blocks, batched=True, desc=f"Grouping into blocks of {config.block_size}")
+    if config.max_train_samples is not None:
+        blocks = blocks.select(range(min(config.max_train_samples, len(blocks))))
+    return blocks
+
+
+def collate_blocks(examples):
+    import torch
+
+    input_ids = torch.tensor([example["input_ids"] for example in examples], dtype=torch.long)
+    return {"input_ids": input_ids, "labels": input_ids}  # the model shifts the labels itself
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def build_tokenizer(config: TrainingConfig):
+    from transformers import AutoTokenizer, ByT5Tokenizer
+
+    if config.tokenizer_name:
+        return AutoTokenizer.from_pretrained(config.tokenizer_name)
+    return ByT5Tokenizer()  # bytes in, bytes out: needs no vocabulary file and no download
+
+
+def build_model(config: TrainingConfig, tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(config.model_config_path)
+    if getattr(model_config, "vocab_size", len(tokenizer)) < len(tokenizer):
+        raise UsageError(f"--config_name: vocab_size {model_config.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
+    return AutoModelForCausalLM.from_config(model_config)
+
+
+def build_optimizer(model, config: TrainingConfig):
+    import torch
+
+    # Biases and normalization weights are not decayed (the usual AdamW practice).
+    decayed = [p for p in model.parameters() if p.ndim >= 2]
+    not_decayed = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decayed, "weight_decay": config.weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm):
+    """One optimizer step over the micro-batches; returns this rank's mean loss (a tensor)."""
+    step_loss = 0.0
+    for index, batch in enumerate(micro_batches):
+        is_last = index == len(micro_batches) - 1
+        # Gradients are all-reduced once per step, on the last micro-batch.
+        with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
+            loss = model(**batch).loss / len(micro_batches)
+            accelerator.backward(loss)
+        step_loss += loss.detach()
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def optimizer_steps_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, accumulation):
+    """Yield lists of `accumulation` micro-batches: the optimizer steps still to take this epoch.
+
+    Mid-epoch (after a resume) the batches already trained on are skipped without being
+    loaded, so the next batch is the one the uninterrupted run took next.
+    """
+    from accelerate import skip_first_batches
+
+    dataloader.set_epoch(epoch)  # the sample order is a function of (seed, epoch)
+    batches_to_skip = steps_done_in_epoch * accumulation
+    if batches_to_skip:
+        rng_before = state.capture_rng_state()
+        batches = iter(skip_first_batches(dataloader, batches_to_skip))
+        first = next(batches)
+        # Starting the skipping iterator drew from the global torch RNG, which the
+        # uninterrupted run did not do at this point: undo it, or dropout would differ.
+        state.restore_rng_state(rng_before)
+        batches = itertools.chain([first], batches)
+    else:
+        batches = iter(dataloader)
+    batches = itertools.islice(batches, steps_to_take * accumulation)
+    while step := list(itertools.islice(batches, accumulation)):
+        yield step
+
+
+# --------------------------------------------------------------------------- start-up decisions
+
+
+@dataclasses.dataclass
+class StartDecision:
+    """What the main process decided before training; broadcast so every rank does the same."""
+
+    error: str | None = None
+    exit_code: int = EXIT_DONE
+    checkpoint: str | None = None
+    checkpoint_args: dict | None = None
+    run_history: list = dataclasses.field(default_factory=list)
+    notes: list = dataclasses.field(default_factory=list)
+
+
+def decide_start(config: TrainingConfig, lock: state.OutputDirLock) -> StartDecision:
+    """Main process only: take the lock, tidy up, choose the checkpoint to resume from."""
+    output_dir = Path(config.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except state.OutputDirBusy as busy:
+        return StartDecision(error=f"{output_dir} is in use by another run ({busy}); wait for it or choose another --output_dir", exit_code=EXIT_USAGE)
+    except OSError as error:
+        return StartDecision(error=f"--output_dir {output_dir}: {error.strerror}", exit_code=EXIT_USAGE)
+    decision = StartDecision()
+    for leftover in state.clean_leftovers(output_dir):
+        decision.notes.append(f"🧹 Removed {leftover.name}, left by a save that was interrupted")
+    live = state.read_live_state(output_dir) or {}
+    decision.run_history = live.get("run_history", [])
+
+    if config.resume_from_checkpoint == "none":
+        previous = state.list_checkpoints(output_dir)
+        if previous:
+            archive = state.archive_checkpoints(output_dir)
+            decision.notes.append(f"📦 --resume_from_checkpoint none: moved {len(previous)} earlier checkpoint(s) to {archive.name}/")
+        decision.run_history = []
+        return decision
+    if config.resume_from_checkpoint == "auto":
+        try:
+            chosen = state.newest_valid_checkpoint(output_dir, warn=decision.notes.append)
+        except state.NoValidCheckpoint as none_valid:
+            return StartDecision(
+                error=f"no valid checkpoint in {output_dir} ({none_valid}); fix or move them, or pass --resume_from_checkpoint none to start fresh",
+                exit_code=EXIT_USAGE,
+            )
+    else:
+        chosen = Path(config.resume_from_checkpoint)
+        try:
+            state.verify_checkpoint(chosen)
+        except state.CheckpointError as damaged:
+            return StartDecision(error=f"--resume_from_checkpoint {chosen}: {damaged}", exit_code=EXIT_USAGE)
+    if chosen is not None:
+        decision.checkpoint = str(chosen)
+        decision.checkpoint_args = state.read_training_args(chosen)
+    return decision
+
+
+def compare_with_checkpoint(now: dict, before: dict, allow_change: bool) -> list[str]:
+    """Notes on harmless changes; raises UsageError for result-changing ones (unless allowed)."""
+    changed = [name for name in RESULT_CHANGING_FLAGS if before.get(name) != now.get(name)]
+    notes = []
+    if changed and not allow_change:
+        width = max(len(name) for name in changed) + 2
+        rows = "\n".join(f"  --{name:<{width}}| {before.get(name)!s:<24}| {now.get(name)}" for name in changed)
+        raise UsageError(
+            "these flags differ from the checkpoint and would change the result:\n"
+            f"  {'flag':<{width + 2}}| {'in checkpoint':<24}| now\n{rows}\n"
+            "Run with the checkpoint's values, or add --allow_config_change to accept the change knowingly."
+        )
+    if changed:
+        notes.append(f"⚠️  --allow_config_change: {', '.join(changed)} differ from the checkpoint; the result will differ from an uninterrupted run")
+    harmless = [n for n in ("save_steps", "save_total_limit", "logging_steps", "max_time", "max_steps") if before.get(n) != now.get(n)]
+    if harmless:
+        notes.append("ℹ️  Changed since the checkpoint: " + ", ".join(f"--{n} {before.get(n)} → {now.get(n)}" for n in harmless))
+    return notes
+
+
+def plan_batches(config: TrainingConfig, world_size: int, checkpoint_state: TrainingState | None):
+    """(per-rank batch, accumulation, global batch); keeps a checkpoint's global batch on a new world size."""
+    per_device = config.per_device_train_batch_size
+    accumulation = config.gradient_accumulation_steps
+    if checkpoint_state is None or checkpoint_state.world_size == world_size:
+        return per_device, accumulation, per_device * accumulation * world_size, None
+    global_batch = checkpoint_state.global_batch_size
+    per_device = checkpoint_state.per_device_train_batch_size
+    if global_batch % (per_device * world_size):
+        raise UsageError(
+            f"the checkpoint's global batch {global_batch} cannot be split over {world_size} processes of "
+            f"{per_device} samples; run with a number of processes that divides {global_batch // per_device}"
+        )
+    accumulation = global_batch // (per_device * world_size)
+    note = (
+        f"🔀 world size {checkpoint_state.world_size} → {world_size}: gradient accumulation "
+        f"{checkpoint_state.gradient_accumulation_steps} → {accumulation}, global batch {global_batch} unchanged"
+    )
+    return per_device, accumulation, global_batch, note
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def main(config: TrainingConfig, stop: StopRequests) -> int:
+    started_at = time.time()
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+    from transformers import get_scheduler
+
+    # Tied input/output embeddings are stored once in model.safetensors; accelerate warns
+    # about it at every save although nothing is lost (load_state re-ties them).
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+
+    # ---- accelerator: with no GPU, cpu=True makes the ranks a real gloo group
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the world size
+    )
+    say = accelerator.print
+    world_size = accelerator.num_processes
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        say(f"⚙️  {accelerator.distributed_type.value.lower()}: {world_size} process(es), device {accelerator.device}, mixed precision {accelerator.mixed_precision}")
+
+    # ---- where to start: decided once on the main process, shared with every rank
+    lock = state.OutputDirLock(output_dir)
+    decision = [decide_start(config, lock) if accelerator.is_main_process else None]
+    if world_size > 1:
+        broadcast_object_list(decision)
+    decision = decision[0]
+    if decision.error:
+        if accelerator.is_main_process:
+            print(f"error: {decision.error}", file=sys.stderr)
+        return decision.exit_code
+    for note in decision.notes:
+        say(note)
+
+    checkpoint_state = None
+    if decision.checkpoint:
+        checkpoint_state, _, _ = state.read_trainer_state(Path(decision.checkpoint) / state.TRAINER_STATE_NAME)
+    per_device, accumulation, global_batch, world_note = plan_batches(config, world_size, checkpoint_state)
+    if world_note:
+        say(world_note)
+
+    # ---- data
+    set_seed(config.seed)
+    tokenizer = build_tokenizer(config)
+    train_data = tokenize_and_group(load_raw_text(config), tokenizer, config, accelerator)
+    steps_per_epoch = len(train_data) // global_batch
+    if steps_per_epoch == 0:
+        raise UsageError(f"the training data has {len(train_data)} blocks, fewer than one global batch of {global_batch}; use more data or a smaller --per_device_train_batch_size")
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_data, batch_size=per_device, shuffle=True, drop_last=True,
+        collate_fn=collate_blocks, num_workers=config.dataloader_num_workers,
+    )  # fmt: skip
+
+    # ---- model, optimizer, schedule
+    model = build_model(config, tokenizer)
+    optimizer = build_optimizer(model, config)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
+    model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
+
+    run_args = {
+        **dataclasses.asdict(config),
+        "model_config": Path(config.model_config_path).read_text() if Path(config.model_config_path).is_file() else config.model_config_path,
+        "world_size": world_size, "global_batch_size": global_batch, "gradient_accumulation_steps": accumulation,
+        "data_fingerprint": train_data._fingerprint, "train_samples": len(train_data),
+    }  # fmt: skip
+    for transient in ("exit_code_file", "resume_from_checkpoint", "allow_config_change", "output_dir"):
+        run_args.pop(transient)
+
+    # ---- resume
+    progress = TrainingState(
+        total_steps=total_steps, steps_per_epoch=steps_per_epoch, global_batch_size=global_batch,
+        world_size=world_size, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
+    )  # fmt: skip
+    log_history, run_history = [], decision.run_history
+    if decision.checkpoint:
+        for note in compare_with_checkpoint(run_args, decision.checkpoint_args, config.allow_config_change):
+            say(note)
+        say(f"🔄 Found checkpoint: {Path(decision.checkpoint).name}")
+        saved, log_history, _ = state.load_checkpoint(accelerator, decision.checkpoint)
+        progress.global_step = saved.global_step
+        progress.unlogged_steps = saved.unlogged_steps
+        progress.unlogged_loss_sums = saved.unlogged_loss_sums
+        say(f"✅ Resumed from checkpoint (step {progress.global_step}, epoch {progress.epoch:.2f})")
+    else:
+        say("🆕 Starting new training")
+    previous_stop = (state.read_live_state(output_dir) or {}).get("stop_reason") if accelerator.is_main_process else None
+    run_history.append({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": progress.global_step, "world_size": world_size,
+        "event": "resume" if decision.checkpoint else "start",
+        "previous_stop": (previous_stop or "killed or crashed") if decision.checkpoint else None,
+    })  # fmt: skip
+    last_saved_step = progress.global_step if decision.checkpoint else None
+
+    # This rank's loss sum since the last log line; restored so the next line averages
+    # exactly the steps an uninterrupted run would have averaged.
+    sums = progress.unlogged_loss_sums
+    own_sum = sums[accelerator.process_index] if len(sums) == world_size else (sum(sums) / len(sums) if sums else 0.0)
+    unlogged_loss = torch.tensor(own_sum, dtype=torch.float32, device=accelerator.device)
+
+    deadline = Deadline(parse_duration(config.max_time) if config.max_time else None, started_at)
+    if deadline.at is not None:
+        say(f"⏰ Will stop with a checkpoint before {deadline.describe()}")
+
+    def save(reason: str) -> None:
+        nonlocal last_saved_step
+        if last_saved_step == progress.global_step:
+            return  # this exact state is on disk already
+        progress.unlogged_loss_sums = accelerator.gather(unlogged_loss.reshape(1)).tolist()
+        began = time.monotonic()
+        path = state.save_checkpoint(accelerator, model, output_dir, progress, log_history, run_history, run_args)
+        deadline.save_seconds = time.monotonic() - began
+        last_saved_step = progress.global_step
+        if accelerator.is_main_process:
+            best = ()
+            deleted = state.rotate_checkpoints(output_dir, config.save_total_limit, protect=best)
+            gone = f", removed {', '.join(p.name for p in deleted)}" if deleted else ""
+            say(f"💾 Saved {path.name} ({reason}, {deadline.save_seconds:.1f}s{gone})")
+            state.write_live_state(output_dir, progress, log_history, run_history)
+
+    if accelerator.is_main_process:
+        state.write_live_state(output_dir, progress, log_history, run_history)
+
+    # ---- the loop
+    stop.install()
+    progress_bar = ProgressLine(accelerator, progress)
+    step_began = time.monotonic()
+    while progress.global_step < total_steps:
+        epoch, steps_done_in_epoch = divmod(progress.global_step, steps_per_epoch)
+        steps_to_take = min(steps_per_epoch - steps_done_in_epoch, total_steps - progress.global_step)
+        for micro_batches in optimizer_steps_of_epoch(train_dataloader, epoch, steps_done_in_epoch, steps_to_take, accumulation):
+            unlogged_loss += train_step(accelerator, model, optimizer, scheduler, micro_batches, config.max_grad_norm)
+            progress.global_step += 1
+            progress.unlogged_steps += 1
+            now = time.monotonic()
+            deadline.step_seconds, step_began = now - step_began, now
+
+            if progress.global_step % config.logging_steps == 0 or progress.global_step == total_steps:
+                mean_loss = accelerator.reduce(unlogged_loss, reduction="mean").item() / progress.unlogged_steps
+                log_history.append({
+                    "step": progress.global_step, "loss": round(mean_loss, 6),
+                    "learning_rate": scheduler.get_last_lr()[0], "epoch": round(progress.epoch, 4),
+                })  # fmt: skip
+                unlogged_loss.zero_()
+                progress.unlogged_steps = 0
+                progress_bar.log(log_history[-1])
+                if accelerator.is_main_process:
+                    state.write_live_state(output_dir, progress, log_history, run_history)
+            progress_bar.advance()
+
+            if deadline.reached(time.time()):
+                stop.request("deadline")
+            if stop.reason:
+                accelerator.set_trigger()
+            if accelerator.check_trigger():  # every rank stops at the same step
+                progress_bar.close()
+                reason = stop.reason or "another rank was asked to stop"
+                say(f"\n🛑 Stopping at step {progress.global_step}: {reason}")
+                save(reason)
+                if accelerator.is_main_process:
+                    state.write_live_state(output_dir, progress, log_history, run_history, stop_reason=reason)
+                say("▶️  To continue, run the same command again.")
+                return EXIT_STOPPED_EARLY
+            if progress.global_step % config.save_steps == 0 or progress.global_step == total_steps:
+                save("every --save_steps" if progress.global_step < total_steps else "final step")
+    progress_bar.close()
+
+    # ---- the end: the final model, loadable with from_pretrained
+    save("final step")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state.save_final_model(accelerator.unwrap_model(model), tokenizer, output_dir, accelerator.get_state_dict(model))
+        state.write_live_state(output_dir, progress, log_history, run_history, stop_reason="complete", training_complete=True)
+        say(f"🏁 Training complete: {total_steps} steps. Final model in {output_dir}")
+    accelerator.wait_for_everyone()
+    return EXIT_DONE
+
+
+class ProgressLine:
+    """A tqdm bar on a terminal; one plain line per logging step otherwise (SLURM logs)."""
+
+    def __init__(self, accelerator, progress: TrainingState):
+        from tqdm.auto import tqdm
+
+        self.enabled = accelerator.is_main_process
+        self.interactive = self.enabled and sys.stderr.isatty()
+        self.progress = progress
+        self.started_at, self.started_step = time.monotonic(), progress.global_step
+        self.bar = tqdm(total=progress.total_steps, initial=progress.global_step, unit="step", dynamic_ncols=True) if self.interactive else None
+
+    def _speed(self) -> tuple[float, float]:
+        elapsed = time.monotonic() - self.started_at
+        steps = self.progress.global_step - self.started_step
+        steps_per_second = steps / elapsed if elapsed > 0 else 0.0
+        eta = (self.progress.total_steps - self.progress.global_step) / steps_per_second if steps_per_second else float("nan")
+        return steps_per_second, eta
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, entry: dict) -> None:
+        if not self.enabled:
+            return
+        steps_per_second, eta = self._speed()
+        samples_per_second = steps_per_second * self.progress.global_batch_size
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['learning_rate']:.2e}", samples_s=f"{samples_per_second:.1f}")
+            return
+        total = self.progress.total_steps
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        print(
+            f"step {entry['step']}/{total} ({100 * entry['step'] / total:.1f}%) epoch {entry['epoch']:.2f} "
+            f"loss {entry['loss']:.4f} lr {entry['learning_rate']:.2e} {samples_per_second:.1f} samples/s ETA {eta_text}",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run_cli(argv=None) -> int:
+    """Parse, run, and turn every expected failure into one line and an exit code."""
+    config = None
+    code = EXIT_FAILED
+    try:
+        config = parse_config(sys.argv[1:] if argv is None else argv)
+        config.validate()
+        code = main(config, StopRequests())
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = EXIT_USAGE
+    except (state.CheckpointError, state.NoValidCheckpoint) as error:
+        print(f"error: checkpoint: {error}", file=sys.stderr)
+        code = EXIT_USAGE
+    except (state.NotEnoughDiskSpace, state.SaveFailed) as error:
+        print(f"error: {error}; every earlier checkpoint was kept", file=sys.stderr)
+        code = EXIT_FAILED
+    finally:
+        if config is not None and config.exit_code_file and os.environ.get("RANK", "0") == "0":
+            Path(config.exit_code_file).write_text(f"{code}\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli())
