@@ -379,17 +379,24 @@ def save_checkpoint(
 def _finish_checkpoint(temporary: Path, final: Path, state, log_history, run_history, training_args) -> None:
     write_json_atomic(temporary / TRAINER_STATE_NAME, _trainer_state_record(state, log_history, run_history))
     write_json_atomic(temporary / TRAINING_ARGS_NAME, training_args)
-    files = {}
-    for path in sorted(temporary.rglob("*")):
-        if path.is_file():
-            _fsync_path(path)
-            files[str(path.relative_to(temporary))] = {"size": path.stat().st_size, "sha256": _file_checksum(path)}
-    # The manifest is the completion marker: written last, after every file it lists is durable.
-    write_json_atomic(temporary / MANIFEST_NAME, {"global_step": state.global_step, "files": files})
+    write_manifest(temporary, state.global_step)
     if final.exists():
         raise FileExistsError(errno.EEXIST, f"{final.name} exists already; a step is saved once")
     os.replace(temporary, final)
     _fsync_path(final.parent)
+
+
+def write_manifest(directory: Path, global_step: int) -> None:
+    """Fsync every file in `directory`, then write manifest.json listing each with size and SHA-256.
+
+    The manifest is the completion marker: written last, after every file it lists is durable.
+    """
+    files = {}
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file() and path.name != MANIFEST_NAME:
+            _fsync_path(path)
+            files[str(path.relative_to(directory))] = {"size": path.stat().st_size, "sha256": _file_checksum(path)}
+    write_json_atomic(Path(directory) / MANIFEST_NAME, {"global_step": global_step, "files": files})
 
 
 def rotate_checkpoints(output_dir: Path, keep: int, protect: tuple = ()) -> list[Path]:

@@ -281,13 +281,18 @@ def load_raw_text(config: TrainingConfig):
 def tokenize_and_group(raw, tokenizer, config: TrainingConfig, accelerator):
     """Token blocks of exactly --block_size, cached by `datasets` so a restart does not redo them."""
 
+    # The functions capture only what shapes their output: `datasets` fingerprints them for its
+    # cache (and we use that fingerprint as the data's identity), so capturing the whole
+    # config would make a new cache entry for every --output_dir.
+    text_column, block_size = config.text_column, config.block_size
+
     def tokenize(batch):
-        return {"input_ids": tokenizer(batch[config.text_column])["input_ids"]}
+        return {"input_ids": tokenizer(batch[text_column])["input_ids"]}
 
     def group_into_blocks(batch):
         tokens = list(itertools.chain.from_iterable(batch["input_ids"]))
-        usable = len(tokens) - len(tokens) % config.block_size
-        return {"input_ids": [tokens[i : i + config.block_size] for i in range(0, usable, config.block_size)]}
+        usable = len(tokens) - len(tokens) % block_size
+        return {"input_ids": [tokens[i : i + block_size] for i in range(0, usable, block_size)]}
 
     # The main process fills the cache first; the others then read it instead of redoing it.
     with accelerator.main_process_first():
@@ -567,6 +572,8 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         progress.unlogged_steps = saved.unlogged_steps
         progress.unlogged_loss_sums = saved.unlogged_loss_sums
         say(f"✅ Resumed from checkpoint (step {progress.global_step}, epoch {progress.epoch:.2f})")
+        if progress.global_step >= total_steps:
+            say(f"✅ Training is already complete ({progress.global_step} of {total_steps} steps); nothing to do")
     else:
         say("🆕 Starting new training")
     previous_stop = (state.read_live_state(output_dir) or {}).get("stop_reason") if accelerator.is_main_process else None

@@ -1,0 +1,122 @@
+"""Shared helpers: run the real program in a subprocess, kill it, compare bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+HARNESS = REPO / "tests" / "harness.py"
+TINY_MODEL = REPO / "tests" / "tiny-gpt2.json"
+
+
+def write_corpus(path: Path, lines: int = 3000, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    words = "the quick brown fox jumps over a lazy dog while training resumes at the exact sample".split()
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 15))) for _ in range(lines)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def session_env(tmp_path_factory):
+    """One datasets cache for the session (tokenization is cached across runs, as for users)."""
+    env = dict(os.environ)
+    env["HF_HOME"] = str(tmp_path_factory.mktemp("hf_home"))
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores; also keeps CPU math repeatable
+    env.pop("SLURM_JOB_ID", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("data") / "corpus.txt")
+
+
+def tiny_flags(corpus: Path, **overrides) -> list[str]:
+    flags = {
+        "config_name": TINY_MODEL, "train_file": corpus, "block_size": 32, "per_device_train_batch_size": 4,
+        "max_steps": 120, "save_steps": 10, "logging_steps": 5, "learning_rate": 1e-3,
+    }  # fmt: skip
+    flags.update(overrides)
+    out = []
+    for name, value in flags.items():
+        if value is True:
+            out.append(f"--{name}")
+        elif value is not None:
+            out += [f"--{name}", str(value)]
+    return out
+
+
+def train(env, output_dir, flags, timeout=600, harness_env=None, launcher=None) -> subprocess.CompletedProcess:
+    """Run the training to its end (or its own exit) in a subprocess."""
+    command = (launcher or [PYTHON, str(HARNESS)]) + ["--output_dir", str(output_dir), *flags]
+    return subprocess.run(command, env={**env, **(harness_env or {})}, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+class Training:
+    """A training process we can watch and kill at a moment of our choosing."""
+
+    def __init__(self, env, output_dir, flags, harness_env=None, launcher=None):
+        command = (launcher or [PYTHON, str(HARNESS)]) + ["--output_dir", str(output_dir), *flags]
+        self.process = subprocess.Popen(
+            command, env={**env, **(harness_env or {})}, cwd=REPO, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+        self.output = []
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> re.Match:
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        for line in self.process.stdout:
+            self.output.append(line)
+            match = regex.search(line)
+            if match:
+                return match
+            if time.monotonic() > deadline:
+                break
+        raise AssertionError(f"never printed {pattern!r}; output:\n{''.join(self.output)[-3000:]}")
+
+    def signal_group(self, number=signal.SIGKILL) -> None:
+        os.killpg(self.process.pid, number)
+
+    def finish(self, timeout: float = 300) -> int:
+        rest, _ = self.process.communicate(timeout=timeout)
+        self.output.append(rest or "")
+        return self.process.returncode
+
+    @property
+    def text(self) -> str:
+        return "".join(self.output)
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory, session_env):
+    """Uninterrupted runs, computed once per distinct flag set and shared by the tests."""
+    cache = {}
+
+    def get(flags: list[str], launcher=None, env_extra=None):
+        key = (tuple(flags), tuple(launcher or ()), tuple(sorted((env_extra or {}).items())))
+        if key not in cache:
+            output_dir = tmp_path_factory.mktemp("reference")
+            result = train({**session_env, **(env_extra or {})}, output_dir, flags, launcher=launcher)
+            assert result.returncode == 0, result.stdout + result.stderr
+            cache[key] = output_dir
+        return cache[key]
+
+    return get

@@ -1,0 +1,45 @@
+"""Runs train_loop.py as a real process, with test-only instruments switched on from outside.
+
+Production code has no test switches; this wrapper patches it from the outside:
+  HARNESS_KILL_IN_SAVE=STEP   SIGKILL this process inside the save of checkpoint-STEP,
+                              after every file is written and before the rename
+  HARNESS_RECORD_BATCHES=FILE append "step<TAB>sha256 of each micro-batch" per optimizer step
+"""
+
+import hashlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import state  # noqa: E402
+import train_loop  # noqa: E402
+
+kill_step = os.environ.get("HARNESS_KILL_IN_SAVE")
+if kill_step:
+    original_finish = state._finish_checkpoint
+
+    def finish_then_die(temporary, final, progress, *args):
+        if progress.global_step == int(kill_step):
+            state.write_json_atomic(temporary / state.MANIFEST_NAME, {"global_step": progress.global_step, "files": {}})
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_finish(temporary, final, progress, *args)
+
+    state._finish_checkpoint = finish_then_die
+
+record_file = os.environ.get("HARNESS_RECORD_BATCHES")
+if record_file:
+    original_step = train_loop.train_step
+    steps_taken = [None]
+
+    def recording_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm):
+        digests = ",".join(hashlib.sha256(b["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16] for b in micro_batches)
+        with open(f"{record_file}.rank{accelerator.process_index}", "a") as handle:
+            handle.write(f"{scheduler.scheduler.last_epoch + 1}\t{digests}\n")
+        return original_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm)
+
+    train_loop.train_step = recording_step
+
+sys.exit(train_loop.run_cli())

@@ -1,0 +1,111 @@
+"""state.py on directories built by hand: discovery, validation, rotation, crash leftovers."""
+
+import json
+import os
+
+import pytest
+
+import state
+
+
+def make_checkpoint(output_dir, step, complete=True, payload=b"weights"):
+    path = output_dir / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(payload * 100)
+    (path / "optimizer.bin").write_bytes(b"optimizer" * 50)
+    progress = state.TrainingState(global_step=step, total_steps=100000, steps_per_epoch=1000, global_batch_size=8)
+    (path / "trainer_state.json").write_text(json.dumps({**progress.to_json(), "log_history": []}))
+    if complete:
+        state.write_manifest(path, step)
+    return path
+
+
+def test_newest_is_chosen_by_step_number_not_name_or_time(tmp_path):
+    make_checkpoint(tmp_path, 10000)
+    older = make_checkpoint(tmp_path, 9000)
+    os.utime(older, (2e9, 2e9))  # the older step has the newer time stamp
+    assert [state.checkpoint_step(p) for p in state.list_checkpoints(tmp_path)] == [9000, 10000]
+    assert state.newest_valid_checkpoint(tmp_path).name == "checkpoint-10000"
+
+
+def test_temporary_and_unrelated_directories_are_never_resumed_from(tmp_path):
+    make_checkpoint(tmp_path, 100)
+    temporary = tmp_path / ".tmp-checkpoint-200"
+    temporary.mkdir()
+    (temporary / "model.safetensors").write_bytes(b"half")
+    (tmp_path / "checkpoint-300.corrupt").mkdir()
+    (tmp_path / "checkpoint-final").mkdir()
+    assert state.newest_valid_checkpoint(tmp_path).name == "checkpoint-100"
+    assert state.clean_leftovers(tmp_path) == [temporary]
+    assert not temporary.exists() and (tmp_path / "checkpoint-100").exists()
+
+
+def test_incomplete_newest_checkpoint_is_moved_aside_and_previous_one_used(tmp_path):
+    make_checkpoint(tmp_path, 100)
+    make_checkpoint(tmp_path, 200, complete=False)
+    warnings = []
+    assert state.newest_valid_checkpoint(tmp_path, warn=warnings.append).name == "checkpoint-100"
+    assert (tmp_path / "checkpoint-200.corrupt" / "model.safetensors").exists()  # moved, never deleted
+    assert "checkpoint-200 is damaged (manifest.json is missing" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda p: (p / "optimizer.bin").unlink(), "optimizer.bin: missing"),
+        (lambda p: (p / "optimizer.bin").write_bytes(b""), "optimizer.bin: 0 bytes"),
+        (lambda p: os.truncate(p / "model.safetensors", 10), "model.safetensors: 10 bytes"),
+        (lambda p: (p / "model.safetensors").write_bytes(b"X" * 700), "model.safetensors: checksum mismatch"),
+        (lambda p: (p / "manifest.json").write_text("{not json"), "manifest.json is unreadable"),
+    ],
+)
+def test_each_kind_of_damage_is_named(tmp_path, damage, reason):
+    path = make_checkpoint(tmp_path, 100)
+    damage(path)
+    with pytest.raises(state.CheckpointError, match=reason.replace("(", r"\(")):
+        state.verify_checkpoint(path)
+
+
+def test_no_valid_checkpoint_is_an_error_and_nothing_is_moved(tmp_path):
+    make_checkpoint(tmp_path, 100, complete=False)
+    make_checkpoint(tmp_path, 200, complete=False)
+    with pytest.raises(state.NoValidCheckpoint, match="checkpoint-200.*checkpoint-100"):
+        state.newest_valid_checkpoint(tmp_path)
+    assert (tmp_path / "checkpoint-100").exists() and (tmp_path / "checkpoint-200").exists()
+
+
+def test_rotation_keeps_the_newest_k_and_protected_ones(tmp_path):
+    for step in (1000, 2000, 3000, 10000, 20000):
+        make_checkpoint(tmp_path, step)
+    make_checkpoint(tmp_path, 30000, complete=False)  # incomplete: neither counted nor deleted
+    deleted = state.rotate_checkpoints(tmp_path, keep=2, protect=(tmp_path / "checkpoint-2000",))
+    assert sorted(p.name for p in deleted) == ["checkpoint-1000", "checkpoint-3000"]
+    left = sorted(state.checkpoint_step(p) for p in state.list_checkpoints(tmp_path))
+    assert left == [2000, 10000, 20000, 30000]
+
+
+def test_rotation_never_deletes_the_newest(tmp_path):
+    make_checkpoint(tmp_path, 5)
+    assert state.rotate_checkpoints(tmp_path, keep=1) == []
+    assert (tmp_path / "checkpoint-5").exists()
+
+
+def test_crash_between_write_and_rename_leaves_previous_checkpoint_loadable(tmp_path):
+    make_checkpoint(tmp_path, 100)
+    # Everything of checkpoint-200 was written, manifest included, but the rename never happened.
+    written = make_checkpoint(tmp_path, 200)
+    os.rename(written, tmp_path / ".tmp-checkpoint-200")
+    chosen = state.newest_valid_checkpoint(tmp_path)
+    assert chosen.name == "checkpoint-100"
+    state.verify_checkpoint(chosen)
+
+
+def test_lock_is_exclusive_and_released_with_its_holder(tmp_path):
+    first = state.OutputDirLock(tmp_path)
+    first.acquire()
+    with pytest.raises(state.OutputDirBusy, match=f"pid {os.getpid()}"):
+        state.OutputDirLock(tmp_path).acquire()
+    assert state.OutputDirLock.holder(tmp_path).startswith(f"pid {os.getpid()}")
+    first.release()
+    assert state.OutputDirLock.holder(tmp_path) is None
+    state.OutputDirLock(tmp_path).acquire()
