@@ -51,7 +51,7 @@ if [[ "${1:-}" == "--retries" ]]; then
 fi
 
 num_processes=${NUM_PROCESSES:-1}
-launcher=(accelerate launch --config_file "$HERE/accelerate_config.yaml" --num_processes "$num_processes")
+launcher=(accelerate launch --quiet --config_file "$HERE/accelerate_config.yaml" --num_processes "$num_processes")
 if (( num_processes > 1 )); then
     launcher+=(--multi_gpu)
 fi

@@ -473,7 +473,8 @@ def plan_batches(config: TrainingConfig, world_size: int, checkpoint_state: Trai
     if global_batch % (per_device * world_size):
         raise UsageError(
             f"the checkpoint's global batch {global_batch} cannot be split over {world_size} processes of "
-            f"{per_device} samples; run with a number of processes that divides {global_batch // per_device}"
+            f"{per_device} samples; resume with a number of processes that divides {global_batch // per_device}, "
+            "or start over with --resume_from_checkpoint none"
         )
     accumulation = global_batch // (per_device * world_size)
     note = (
@@ -713,6 +714,16 @@ class ProgressLine:
             self.bar = None
 
 
+def is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # set by accelerate launch / torchrun
+
+
+def report(line: str) -> None:
+    """An error line, once, not once per rank (every rank meets the same error)."""
+    if is_main_rank():
+        print(line, file=sys.stderr)
+
+
 def run_cli(argv=None) -> int:
     """Parse, run, and turn every expected failure into one line and an exit code."""
     config = None
@@ -722,16 +733,16 @@ def run_cli(argv=None) -> int:
         config.validate()
         code = main(config, StopRequests())
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        report(f"error: {error}")
         code = EXIT_USAGE
     except (state.CheckpointError, state.NoValidCheckpoint) as error:
-        print(f"error: checkpoint: {error}", file=sys.stderr)
+        report(f"error: checkpoint: {error}")
         code = EXIT_USAGE
     except (state.NotEnoughDiskSpace, state.SaveFailed) as error:
-        print(f"error: {error}; every earlier checkpoint was kept", file=sys.stderr)
+        report(f"error: {error}; every earlier checkpoint was kept")
         code = EXIT_FAILED
     finally:
-        if config is not None and config.exit_code_file and os.environ.get("RANK", "0") == "0":
+        if config is not None and config.exit_code_file and is_main_rank():
             Path(config.exit_code_file).write_text(f"{code}\n")
     return code
 

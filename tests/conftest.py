@@ -65,6 +65,11 @@ def train(env, output_dir, flags, timeout=600, harness_env=None, launcher=None) 
     return subprocess.run(command, env={**env, **(harness_env or {})}, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+def descendants(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [grandchild for child in map(int, children) for grandchild in (child, *descendants(child))]
+
+
 class Training:
     """A training process we can watch and kill at a moment of our choosing."""
 
@@ -89,7 +94,12 @@ class Training:
         raise AssertionError(f"never printed {pattern!r}; output:\n{''.join(self.output)[-3000:]}")
 
     def signal_group(self, number=signal.SIGKILL) -> None:
-        os.killpg(self.process.pid, number)
+        """Signal the process and every descendant (torchrun puts workers in sessions of their own)."""
+        for pid in [self.process.pid, *descendants(self.process.pid)]:
+            try:
+                os.kill(pid, number)
+            except ProcessLookupError:
+                pass
 
     def finish(self, timeout: float = 300) -> int:
         rest, _ = self.process.communicate(timeout=timeout)
