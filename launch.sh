@@ -101,6 +101,7 @@ while true; do
         exit "$code"
     fi
     attempt=$((attempt + 1))
-    echo "🔁 launch.sh: training exited with $code; retry $attempt of $retries in 5 s..." >&2
-    sleep "${RESUMABLE_RETRY_PAUSE:-5}"
+    pause=${RESUMABLE_RETRY_PAUSE:-5}
+    echo "🔁 launch.sh: training exited with $code; retry $attempt of $retries in ${pause} s..." >&2
+    sleep "$pause"
 done

@@ -350,13 +350,15 @@ def save_checkpoint(
             error = caught
     # Every rank waits here so no rank writes its RNG file before the directory exists.
     if not _all_ranks_succeeded(accelerator, error is None):
-        raise error if error is not None else SaveFailed("another rank could not prepare the save")
+        if isinstance(error, NotEnoughDiskSpace):
+            raise error
+        raise SaveFailed(f"could not start saving {final.name} ({error or 'on the main process'}); earlier checkpoints are untouched")
 
     try:
         accelerator.save_state(str(temporary))
         rng_file = temporary / RNG_FILE_PATTERN.format(rank=accelerator.process_index)
         _fsync_path(rng_file)  # each rank makes its own file durable
-    except OSError as caught:
+    except (OSError, RuntimeError) as caught:  # torch.save reports a full disk as RuntimeError
         error = caught
     if not _all_ranks_succeeded(accelerator, error is None):
         if accelerator.is_main_process:
@@ -367,7 +369,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         try:
             _finish_checkpoint(temporary, final, state, log_history, run_history, training_args)
-        except OSError as caught:
+        except (OSError, RuntimeError) as caught:
             error = caught
             shutil.rmtree(temporary, ignore_errors=True)
     # Nobody returns before the checkpoint is in place, so no rank can act on a save that failed.
@@ -477,20 +479,23 @@ def load_checkpoint(accelerator, path: Path) -> tuple[TrainingState, list, list]
     return state, log_history, run_history
 
 
-def archive_checkpoints(output_dir: Path) -> Path:
-    """Move every checkpoint of an earlier run into OUTPUT_DIR/previous-run-<time>/ (never delete).
+def archive_checkpoints(output_dir: Path) -> tuple[Path | None, list[str]]:
+    """Move every checkpoint of an earlier run (damaged ones too) into OUTPUT_DIR/previous-run-<time>/.
 
     Used when a user starts fresh in a directory that has checkpoints: they must not be
-    discovered by a later resume, and they must not be lost either.
+    discovered by a later resume, and they must not be lost either. Returns the archive
+    (None if there was nothing to move) and the names moved.
     """
     output_dir = Path(output_dir)
+    earlier = [path for path in output_dir.iterdir() if path.name.startswith(CHECKPOINT_PREFIX) and path.is_dir()]
+    if not earlier:
+        return None, []
     archive = output_dir / time.strftime("previous-run-%Y%m%d-%H%M%S")
     archive.mkdir()
-    for path in output_dir.iterdir():
-        if path.name.startswith(CHECKPOINT_PREFIX) and path.is_dir():
-            os.replace(path, archive / path.name)
+    for path in earlier:
+        os.replace(path, archive / path.name)
     _fsync_path(output_dir)
-    return archive
+    return archive, sorted(path.name for path in earlier)
 
 
 def save_final_model(model, tokenizer, output_dir: Path, state_dict) -> None:

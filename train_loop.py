@@ -178,9 +178,10 @@ class StopRequests:
     where every rank agrees to stop.
     """
 
-    def __init__(self):
+    def __init__(self, on_abort=lambda: None):
         self.reason = None
         self._first_interrupt_at = None
+        self._on_abort = on_abort  # records exit 130 for launch.sh before the process vanishes
 
     def install(self) -> None:
         for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
@@ -193,6 +194,7 @@ class StopRequests:
             # every worker, so the same key press can arrive twice within milliseconds:
             # only a press a moment later counts as the second one.
             if now - self._first_interrupt_at > 1.0:
+                self._on_abort()
                 os._exit(EXIT_ABORTED)  # saves are atomic: the previous checkpoint stays valid
             return
         if number == signal.SIGINT:
@@ -218,7 +220,7 @@ class Deadline:
         if slurm_end is not None:
             limits.append(slurm_end)
         self.at = min(limits) if limits else None
-        self.save_seconds = 5.0  # until a save has been measured
+        self.save_seconds = 5.0  # replaced by an estimate from the model's size, then by measurements
         self.step_seconds = 0.0
 
     def reached(self, now: float) -> bool:
@@ -416,10 +418,9 @@ def decide_start(config: TrainingConfig, lock: state.OutputDirLock) -> StartDeci
     decision.run_history = live.get("run_history", [])
 
     if config.resume_from_checkpoint == "none":
-        previous = state.list_checkpoints(output_dir)
-        if previous:
-            archive = state.archive_checkpoints(output_dir)
-            decision.notes.append(f"📦 --resume_from_checkpoint none: moved {len(previous)} earlier checkpoint(s) to {archive.name}/")
+        archive, moved = state.archive_checkpoints(output_dir)
+        if archive:
+            decision.notes.append(f"📦 --resume_from_checkpoint none: moved {len(moved)} earlier checkpoint(s) to {archive.name}/")
         decision.run_history = []
         return decision
     if config.resume_from_checkpoint == "auto":
@@ -592,6 +593,9 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     unlogged_loss = torch.tensor(own_sum, dtype=torch.float32, device=accelerator.device)
 
     deadline = Deadline(parse_duration(config.max_time) if config.max_time else None, started_at)
+    # Until the first save is measured: weights + two Adam moments written at ~100 MB/s, plus fsyncs.
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    deadline.save_seconds = 1.0 + 3 * parameter_bytes / 100e6
     if deadline.at is not None:
         say(f"⏰ Will stop with a checkpoint before {deadline.describe()}")
 
@@ -660,9 +664,9 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
 
     # ---- the end: the final model, loadable with from_pretrained
     save("final step")
-    accelerator.wait_for_everyone()
+    full_state_dict = accelerator.get_state_dict(model)  # a collective under FSDP / ZeRO-3: every rank
     if accelerator.is_main_process:
-        state.save_final_model(accelerator.unwrap_model(model), tokenizer, output_dir, accelerator.get_state_dict(model))
+        state.save_final_model(accelerator.unwrap_model(model), tokenizer, output_dir, full_state_dict)
         state.write_live_state(output_dir, progress, log_history, run_history, stop_reason="complete", training_complete=True)
         say(f"🏁 Training complete: {total_steps} steps. Final model in {output_dir}")
     accelerator.wait_for_everyone()
@@ -731,7 +735,7 @@ def run_cli(argv=None) -> int:
     try:
         config = parse_config(sys.argv[1:] if argv is None else argv)
         config.validate()
-        code = main(config, StopRequests())
+        code = main(config, StopRequests(on_abort=lambda: record_exit_code(config, EXIT_ABORTED)))
     except UsageError as error:
         report(f"error: {error}")
         code = EXIT_USAGE
@@ -739,12 +743,16 @@ def run_cli(argv=None) -> int:
         report(f"error: checkpoint: {error}")
         code = EXIT_USAGE
     except (state.NotEnoughDiskSpace, state.SaveFailed) as error:
-        report(f"error: {error}; every earlier checkpoint was kept")
+        report(f"error: {error}")
         code = EXIT_FAILED
     finally:
-        if config is not None and config.exit_code_file and is_main_rank():
-            Path(config.exit_code_file).write_text(f"{code}\n")
+        record_exit_code(config, code)
     return code
+
+
+def record_exit_code(config: TrainingConfig | None, code: int) -> None:
+    if config is not None and config.exit_code_file and is_main_rank():
+        Path(config.exit_code_file).write_text(f"{code}\n")
 
 
 if __name__ == "__main__":

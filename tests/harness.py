@@ -3,6 +3,7 @@
 Production code has no test switches; this wrapper patches it from the outside:
   HARNESS_KILL_IN_SAVE=STEP   SIGKILL this process inside the save of checkpoint-STEP,
                               after every file is written and before the rename
+  HARNESS_SLOW_SAVE=SECONDS   sleep this long inside every save, before the manifest is written
   HARNESS_RECORD_BATCHES=FILE append "step<TAB>sha256 of each micro-batch" per optimizer step
 """
 
@@ -10,6 +11,7 @@ import hashlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,6 +30,17 @@ if kill_step:
         return original_finish(temporary, final, progress, *args)
 
     state._finish_checkpoint = finish_then_die
+
+slow_save = os.environ.get("HARNESS_SLOW_SAVE")
+if slow_save:
+    original_manifest = state.write_manifest
+
+    def slow_manifest(directory, global_step):
+        print(f"harness: inside the save of step {global_step}", flush=True)
+        time.sleep(float(slow_save))
+        return original_manifest(directory, global_step)
+
+    state.write_manifest = slow_manifest
 
 record_file = os.environ.get("HARNESS_RECORD_BATCHES")
 if record_file:

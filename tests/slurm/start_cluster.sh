@@ -19,18 +19,21 @@ die() {
 }
 # Node state as sinfo prints it; a suffix such as "idle*" means slurmd is not responding.
 node_state() { sinfo -h -n "$HOST" -o %T 2>/dev/null | head -n1 || true; }
+# A live (non-zombie) process with this exact name?  Daemonizing leaves zombies
+# behind when PID 1 is not a real init (containers), which plain pgrep would count.
+alive() { ps -C "$1" -o stat= 2>/dev/null | grep -qv '^Z'; }
 up_msg() { echo "slurm cluster up: node $HOST, $(sinfo -h -n "$HOST" -o %c | head -n1) cpus"; }
 
 [ "$(id -u)" = 0 ] || die "must run as root"
 
 # Fast path: already running (a busy node counts as up too).
-# (pgrep first: sinfo against a dead controller retries for ~10 s.)
-if pgrep -x slurmctld >/dev/null && pgrep -x slurmd >/dev/null &&
+# (check processes first: sinfo against a dead controller retries for ~10 s.)
+if alive slurmctld && alive slurmd &&
    [[ "$(node_state)" =~ ^(idle|mixed|allocated|completing)$ ]]; then
     up_msg; exit 0
 fi
 
-# 1. Packages (skipped when already installed; apt is the slow part, ~1 min).
+# 1. Packages (skipped when already installed; apt is the slow part, ~10 s).
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
@@ -43,11 +46,12 @@ if [ ! -s /etc/munge/munge.key ]; then
     dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none
 fi
 chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
-if ! pgrep -x munged >/dev/null; then
+munge_ok() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
+if ! munge_ok; then   # test the daemon rather than pgrep: it may be dying or a zombie
     runuser -u munge -- munged --force || die "munged failed to start"
+    for _ in $(seq 20); do munge_ok && break; sleep 0.5; done
+    munge_ok || die "munge round-trip failed"
 fi
-for _ in $(seq 20); do munge -n </dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.5; done
-munge -n </dev/null | unmunge >/dev/null 2>&1 || die "munge round-trip failed"
 
 # 3. slurm.conf, sized from what slurmd itself detects (CPUs, sockets, RealMemory)
 #    so the node never gets drained for "Low socket*core*thread count"/"Low RealMemory".
@@ -79,6 +83,9 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 # Requeue support (scontrol requeue, --requeue) is what the tests exercise.
 JobRequeue=1
+# A requeued job may only start again cred_expire+1 s later (default 120 s);
+# 10 s keeps requeue tests fast and is ample for launching a step on this host.
+AuthInfo=cred_expire=10
 # A node that was down comes back by itself once slurmd registers with a valid config.
 ReturnToService=2
 # Finished jobs stay visible to 'scontrol show job' for 5 min (no sacct here).
@@ -101,8 +108,8 @@ PartitionName=debug Nodes=$HOST Default=YES MaxTime=UNLIMITED State=UP
 EOF
 
 # 4. Daemons (they fork into the background on their own; slurmctld keeps saved jobs).
-pgrep -x slurmctld >/dev/null || slurmctld || die "slurmctld failed to start"
-pgrep -x slurmd >/dev/null || slurmd || die "slurmd failed to start"
+alive slurmctld || slurmctld || die "slurmctld failed to start"
+alive slurmd || slurmd || die "slurmd failed to start"
 
 # 5. Wait for the node to become schedulable; un-drain it if a previous run left it down.
 for i in $(seq 60); do
@@ -115,7 +122,7 @@ for i in $(seq 60); do
                 die "node $HOST is $state but a test job failed"
             up_msg; exit 0 ;;
         down*|drain*|fail*)
-            [ "$i" -gt 5 ] && scontrol update nodename="$HOST" state=resume 2>/dev/null || true ;;
+            scontrol update nodename="$HOST" state=resume 2>/dev/null || true ;;
     esac
     sleep 1
 done

@@ -3,11 +3,16 @@
 # munged is left running (harmless, and reused by the next start).  Idempotent.
 set -uo pipefail
 
-running() { pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; }
+# Live (non-zombie) daemons; without a real init, exited daemons linger as zombies.
+alive() { ps -C "$1" -o stat= 2>/dev/null | grep -qv '^Z'; }
+running() { alive slurmctld || alive slurmd; }
 
 # Preferred: the controller shuts down itself and every slurmd, saving job state.
-scontrol shutdown >/dev/null 2>&1 || true
-for _ in $(seq 20); do running || break; sleep 0.5; done
+# (Only if it is alive: scontrol retries a dead controller for ~10 s.)
+if alive slurmctld; then
+    scontrol shutdown >/dev/null 2>&1
+    for _ in $(seq 20); do running || break; sleep 0.5; done
+fi
 # Fallback (controller unreachable): TERM, then KILL, the daemons by pid file / exact name.
 if running; then
     for d in slurmd slurmctld; do

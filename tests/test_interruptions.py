@@ -1,0 +1,125 @@
+"""Signals, deadlines and launch.sh's retry loop, on the real program."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, Training, file_digest, tiny_flags, train
+from test_multiprocess import TWO_RANKS
+
+FLAGS = dict(max_train_samples=200, gradient_accumulation_steps=2, max_steps=120, save_steps=50)
+
+
+def checkpoint_steps(output_dir):
+    return sorted(int(p.name.split("-")[1]) for p in output_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=lambda n: signal.Signals(n).name)
+def test_signal_saves_at_the_next_step_exits_75_and_resume_is_exact(tmp_path, session_env, corpus, reference_runs, number):
+    flags = tiny_flags(corpus, **FLAGS)
+    reference = reference_runs(flags)
+    output_dir = tmp_path / "run"
+    run = Training(session_env, output_dir, flags)
+    run.wait_for(r"step 20/120")
+    run.process.send_signal(number)
+    assert run.finish() == 75, run.text[-2000:]
+    stopped_at = int(run.text.split("🛑 Stopping at step ")[1].split(":")[0])
+    assert f"Saved checkpoint-{stopped_at} ({signal.Signals(number).name}" in run.text
+    assert "run the same command again" in run.text
+    assert checkpoint_steps(output_dir) == [stopped_at]  # saved whatever --save_steps says
+    live = json.loads((output_dir / "trainer_state.json").read_text())
+    assert live["stop_reason"] == signal.Signals(number).name and live["global_step"] == stopped_at
+
+    final = train(session_env, output_dir, flags)
+    assert final.returncode == 0
+    assert f"Resumed from checkpoint (step {stopped_at}," in final.stdout
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+    history = json.loads((output_dir / "trainer_state.json").read_text())["run_history"]
+    assert [entry["event"] for entry in history] == ["start", "resume"]
+    assert history[1]["previous_stop"] == signal.Signals(number).name and history[1]["step"] == stopped_at
+
+
+def test_second_ctrl_c_during_the_save_aborts_with_130_and_keeps_the_previous_checkpoint(tmp_path, session_env, corpus, reference_runs):
+    flags = tiny_flags(corpus, **FLAGS)
+    reference = reference_runs(flags)
+    output_dir = tmp_path / "run"
+    run = Training(session_env, output_dir, flags, harness_env={"HARNESS_SLOW_SAVE": "1.5"})
+    run.wait_for(r"Saved checkpoint-50")
+    run.process.send_signal(signal.SIGINT)
+    run.wait_for(r"harness: inside the save of step")
+    time.sleep(1.2)  # a person pressing Ctrl+C again, not the same key press delivered twice
+    run.process.send_signal(signal.SIGINT)
+    assert run.finish() == 130
+    assert checkpoint_steps(output_dir) == [50]
+    final = train(session_env, output_dir, flags)
+    assert final.returncode == 0 and "Resumed from checkpoint (step 50," in final.stdout
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_two_rank_launcher_stops_every_rank_at_one_step(tmp_path, session_env, corpus, reference_runs):
+    flags = tiny_flags(corpus, **{**FLAGS, "gradient_accumulation_steps": 1})
+    reference = reference_runs(flags, launcher=TWO_RANKS)
+    output_dir = tmp_path / "run"
+    run = Training(session_env, output_dir, flags, launcher=TWO_RANKS)
+    run.wait_for(r"step 30/120")
+    run.process.send_signal(signal.SIGTERM)  # to the launcher, as `kill` or a scheduler does
+    run.finish()
+    stopped_at = int(run.text.split("🛑 Stopping at step ")[1].split(":")[0])
+    assert checkpoint_steps(output_dir)[-1] == stopped_at
+    checkpoint = output_dir / f"checkpoint-{stopped_at}"
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    final = train(session_env, output_dir, flags, launcher=TWO_RANKS)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+
+
+def test_max_time_stops_in_time_with_a_checkpoint(tmp_path, session_env, corpus):
+    flags = tiny_flags(corpus, **{**FLAGS, "max_steps": 100000, "save_steps": 100000, "max_time": "15s"})
+    started = time.monotonic()
+    result = train(session_env, tmp_path / "run", flags)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 75, result.stderr[-2000:]
+    assert "Stopping at step" in result.stdout and ": deadline" in result.stdout
+    assert elapsed < 15 + 3  # the limit counts from the start of the process; a little start-up slack
+    assert len(checkpoint_steps(tmp_path / "run")) == 1
+
+
+def launch(env, *arguments, timeout=600):
+    return subprocess.run([str(REPO / "launch.sh"), *arguments], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_launch_sh_retries_after_75_until_done_and_result_is_exact(tmp_path, session_env, corpus, reference_runs):
+    flags = tiny_flags(corpus, **{**FLAGS, "max_steps": 1200, "save_steps": 1000})
+    reference = reference_runs(flags)
+    env = {**session_env, "RESUMABLE_RETRY_PAUSE": "0"}
+    result = launch(env, "--retries", "10", "--output_dir", str(tmp_path / "run"), *flags, "--max_time", "14")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    retries = result.stderr.count("training exited with 75")
+    assert retries >= 1, result.stderr[-2000:]
+    assert file_digest(tmp_path / "run" / "model.safetensors") == file_digest(reference / "model.safetensors")
+
+
+def test_launch_sh_does_not_retry_bad_input(tmp_path, session_env, corpus):
+    result = launch(session_env, "--retries", "3", "--output_dir", str(tmp_path / "run"), *tiny_flags(corpus, save_steps=0))
+    assert result.returncode == 2
+    assert result.stderr.count("--save_steps must be a positive integer (got 0)") == 1
+    assert "retry" not in result.stderr
+
+
+def test_launch_sh_passes_ctrl_c_to_the_training_and_reports_75(tmp_path, session_env, corpus):
+    flags = tiny_flags(corpus, **{**FLAGS, "max_steps": 100000})
+    process = subprocess.Popen([str(REPO / "launch.sh"), "--retries", "3", "--output_dir", str(tmp_path / "run"), *flags],
+                               env=session_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    for line in process.stdout:
+        if "step 20/100000" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 75, output[-2000:]
+    assert "Saved checkpoint-" in output and "retry" not in output  # a person's Ctrl+C is not retried
+    assert checkpoint_steps(tmp_path / "run")
