@@ -479,23 +479,30 @@ def load_checkpoint(accelerator, path: Path) -> tuple[TrainingState, list, list]
     return state, log_history, run_history
 
 
-def archive_checkpoints(output_dir: Path) -> tuple[Path | None, list[str]]:
-    """Move every checkpoint of an earlier run (damaged ones too) into OUTPUT_DIR/previous-run-<time>/.
+def archive_checkpoints(output_dir: Path, newer_than: int | None = None) -> tuple[Path | None, list[str]]:
+    """Move checkpoints out of discovery's way, into a folder beside them (never delete).
 
-    Used when a user starts fresh in a directory that has checkpoints: they must not be
-    discovered by a later resume, and they must not be lost either. Returns the archive
-    (None if there was nothing to move) and the names moved.
+    newer_than=None: every checkpoint (damaged ones too) goes to OUTPUT_DIR/previous-run-<time>/,
+    for a user who starts fresh in a directory that has checkpoints.
+    newer_than=N: the checkpoints after step N go to OUTPUT_DIR/superseded-<time>/, for a user
+    who resumes from an older checkpoint on purpose: the run will write those steps again.
+    Returns the folder (None if nothing was moved) and the names moved.
     """
     output_dir = Path(output_dir)
-    earlier = [path for path in output_dir.iterdir() if path.name.startswith(CHECKPOINT_PREFIX) and path.is_dir()]
-    if not earlier:
+    if newer_than is None:
+        moving = [path for path in output_dir.iterdir() if path.name.startswith(CHECKPOINT_PREFIX) and path.is_dir()]
+        label = "previous-run"
+    else:
+        moving = [path for path in list_checkpoints(output_dir) if checkpoint_step(path) > newer_than]
+        label = "superseded"
+    if not moving:
         return None, []
-    archive = output_dir / time.strftime("previous-run-%Y%m%d-%H%M%S")
+    archive = output_dir / time.strftime(f"{label}-%Y%m%d-%H%M%S")
     archive.mkdir()
-    for path in earlier:
+    for path in moving:
         os.replace(path, archive / path.name)
     _fsync_path(output_dir)
-    return archive, sorted(path.name for path in earlier)
+    return archive, sorted(path.name for path in moving)
 
 
 def save_final_model(model, tokenizer, output_dir: Path, state_dict) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import logging
 import math
@@ -104,6 +105,11 @@ class TrainingConfig:
             raise UsageError(f"--dataloader_num_workers must not be negative (got {self.dataloader_num_workers})")
         if self.max_time is not None:
             parse_duration(self.max_time)
+        from transformers.trainer_utils import SchedulerType
+
+        schedules = [kind.value for kind in SchedulerType]
+        if self.lr_scheduler_type not in schedules:
+            raise UsageError(f"--lr_scheduler_type {self.lr_scheduler_type!r}: choose one of {', '.join(schedules)}")
         if self.train_file and self.dataset_name:
             raise UsageError("give either --train_file or --dataset_name, not both")
         if self.train_file and not Path(self.train_file).is_file():
@@ -283,10 +289,13 @@ def load_raw_text(config: TrainingConfig):
 def tokenize_and_group(raw, tokenizer, config: TrainingConfig, accelerator):
     """Token blocks of exactly --block_size, cached by `datasets` so a restart does not redo them."""
 
-    # The functions capture only what shapes their output: `datasets` fingerprints them for its
-    # cache (and we use that fingerprint as the data's identity), so capturing the whole
-    # config would make a new cache entry for every --output_dir.
+    # Cache keys are named here rather than left to `datasets`' hashing of the functions,
+    # which changes with the module's name (python train_loop.py vs an import) and would
+    # redo the work and change the data's identity.
     text_column, block_size = config.text_column, config.block_size
+    tokenizer_identity = f"{type(tokenizer).__name__}:{config.tokenizer_name}:{len(tokenizer)}"
+    tokenized_key = fingerprint(raw._fingerprint, tokenizer_identity, text_column)
+    blocks_key = fingerprint(tokenized_key, block_size)
 
     def tokenize(batch):
         return {"input_ids": tokenizer(batch[text_column])["input_ids"]}
@@ -298,11 +307,15 @@ def tokenize_and_group(raw, tokenizer, config: TrainingConfig, accelerator):
 
     # The main process fills the cache first; the others then read it instead of redoing it.
     with accelerator.main_process_first():
-        tokenized = raw.map(tokenize, batched=True, remove_columns=raw.column_names, desc="Tokenizing")
-        blocks = tokenized.map(group_into_blocks, batched=True, desc=f"Grouping into blocks of {config.block_size}")
+        tokenized = raw.map(tokenize, batched=True, remove_columns=raw.column_names, new_fingerprint=tokenized_key, desc="Tokenizing")
+        blocks = tokenized.map(group_into_blocks, batched=True, new_fingerprint=blocks_key, desc=f"Grouping into blocks of {block_size}")
     if config.max_train_samples is not None:
         blocks = blocks.select(range(min(config.max_train_samples, len(blocks))))
     return blocks
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
 def collate_blocks(examples):
@@ -438,6 +451,9 @@ def decide_start(config: TrainingConfig, lock: state.OutputDirLock) -> StartDeci
         except state.CheckpointError as damaged:
             return StartDecision(error=f"--resume_from_checkpoint {chosen}: {damaged}", exit_code=EXIT_USAGE)
     if chosen is not None:
+        archive, moved = state.archive_checkpoints(output_dir, newer_than=state.checkpoint_step(chosen))
+        if archive:
+            decision.notes.append(f"📦 Resuming from an older checkpoint: moved {', '.join(moved)} to {archive.name}/")
         decision.checkpoint = str(chosen)
         decision.checkpoint_args = state.read_training_args(chosen)
     return decision
@@ -511,6 +527,12 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     if accelerator.is_main_process:
         say(f"⚙️  {accelerator.distributed_type.value.lower()}: {world_size} process(es), device {accelerator.device}, mixed precision {accelerator.mixed_precision}")
 
+    # ---- data and model: every bad input is found here, before anything is written
+    tokenizer = build_tokenizer(config)
+    train_data = tokenize_and_group(load_raw_text(config), tokenizer, config, accelerator)
+    set_seed(config.seed)
+    model = build_model(config, tokenizer)
+
     # ---- where to start: decided once on the main process, shared with every rank
     lock = state.OutputDirLock(output_dir)
     decision = [decide_start(config, lock) if accelerator.is_main_process else None]
@@ -531,10 +553,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     if world_note:
         say(world_note)
 
-    # ---- data
-    set_seed(config.seed)
-    tokenizer = build_tokenizer(config)
-    train_data = tokenize_and_group(load_raw_text(config), tokenizer, config, accelerator)
+    # ---- batches, optimizer, schedule
     steps_per_epoch = len(train_data) // global_batch
     if steps_per_epoch == 0:
         raise UsageError(f"the training data has {len(train_data)} blocks, fewer than one global batch of {global_batch}; use more data or a smaller --per_device_train_batch_size")
@@ -544,8 +563,6 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         collate_fn=collate_blocks, num_workers=config.dataloader_num_workers,
     )  # fmt: skip
 
-    # ---- model, optimizer, schedule
-    model = build_model(config, tokenizer)
     optimizer = build_optimizer(model, config)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
     model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
