@@ -1,0 +1,50 @@
+"""slurm/train.sbatch on a real single-node SLURM cluster (tests/slurm/start_cluster.sh, run by .ci/run)."""
+
+import json
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, file_digest, tiny_flags
+
+pytestmark = pytest.mark.slow
+
+
+def cluster_is_up() -> bool:
+    if not shutil.which("sbatch"):
+        return False
+    answer = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return answer.returncode == 0 and any(s in answer.stdout for s in ("idle", "mixed", "allocated"))
+
+
+def test_job_hits_its_time_limit_saves_requeues_itself_and_finishes_byte_identical(tmp_path, session_env, corpus, reference_runs):
+    if not cluster_is_up():
+        pytest.skip("no SLURM cluster here: run tests/slurm/start_cluster.sh (as root) first")
+    # About 100 s of training on 2 cores: more than one 1-minute allocation.
+    flags = tiny_flags(corpus, max_train_samples=200, max_steps=6000, save_steps=1000, logging_steps=500)
+    reference = reference_runs(flags)
+    output_dir, log = tmp_path / "run", tmp_path / "job.log"
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--time=1", f"--output={log}", f"--chdir={REPO}", "--signal=B:USR1@30",
+         str(REPO / "slurm" / "train.sbatch"), "--output_dir", str(output_dir), *flags],
+        env=session_env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    job_id = submitted.stdout.strip().split(";")[0]
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            live = json.loads((output_dir / "trainer_state.json").read_text()) if (output_dir / "trainer_state.json").exists() else {}
+            if live.get("training_complete"):
+                break
+            time.sleep(5)
+        text = log.read_text()
+        assert live.get("training_complete"), text[-3000:]
+    finally:
+        subprocess.run(["scancel", job_id])
+    assert "requeueing job" in text and "run 2 on" in text, text[-3000:]
+    assert "Saved checkpoint-" in text and ("(SIGUSR1" in text or "(deadline" in text)
+    resumes = [entry for entry in live["run_history"] if entry["event"] == "resume"]
+    assert resumes and all(entry["previous_stop"] in ("SIGUSR1", "deadline", "SIGTERM") for entry in resumes), live["run_history"]
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
