@@ -164,7 +164,7 @@ def write_live_state(output_dir: Path, state: TrainingState, log_history: list, 
     Not fsynced: it is a window for people and tools, rewritten often; the copy inside
     each checkpoint is the one resumes trust.
     """
-    record = _trainer_state_record(state, log_history, run_history, **extra)
+    record = _trainer_state_record(state, log_history, run_history, updated_at=round(time.time(), 1), **extra)
     write_json_atomic(Path(output_dir) / TRAINER_STATE_NAME, record, durable=False)
 
 
@@ -201,7 +201,13 @@ def _file_checksum(path: Path) -> str:
 
 def verify_checkpoint(path: Path) -> None:
     """Raise CheckpointError unless every file listed in the manifest is present and intact."""
-    path = Path(path)
+    try:
+        _verify_files(Path(path))
+    except OSError as error:  # unreadable, or removed while we read it
+        raise CheckpointError(f"{Path(error.filename or path).name}: {error.strerror}") from None
+
+
+def _verify_files(path: Path) -> None:
     manifest_path = path / MANIFEST_NAME
     if not manifest_path.is_file():
         raise CheckpointError(f"{MANIFEST_NAME} is missing (the save never completed)")

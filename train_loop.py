@@ -83,6 +83,7 @@ class TrainingConfig:
     logging_steps: int = flag(50, "log loss and learning rate every N steps")
     resume_from_checkpoint: str = flag("auto", "auto (newest valid in --output_dir), none (start fresh) or a path")
     allow_config_change: bool = flag(False, "resume even if flags that change the result differ from the checkpoint")
+    report_to: str = flag("none", "none or tensorboard (logs under OUTPUT_DIR/runs)")
     exit_code_file: str = flag(None, "write the exit code here (launch.sh: accelerate launch reports every failure as 1)")
 
     def validate(self) -> None:
@@ -110,6 +111,8 @@ class TrainingConfig:
         schedules = [kind.value for kind in SchedulerType]
         if self.lr_scheduler_type not in schedules:
             raise UsageError(f"--lr_scheduler_type {self.lr_scheduler_type!r}: choose one of {', '.join(schedules)}")
+        if self.report_to not in ("none", "tensorboard"):
+            raise UsageError(f"--report_to {self.report_to!r}: choose none or tensorboard")
         if self.train_file and self.dataset_name:
             raise UsageError("give either --train_file or --dataset_name, not both")
         if self.train_file and not Path(self.train_file).is_file():
@@ -520,6 +523,8 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         cpu=not torch.cuda.is_available(),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the world size
+        log_with="tensorboard" if config.report_to == "tensorboard" else None,
+        project_dir=config.output_dir,
     )
     say = accelerator.print
     world_size = accelerator.num_processes
@@ -634,10 +639,35 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
 
     if accelerator.is_main_process:
         state.write_live_state(output_dir, progress, log_history, run_history)
+    if config.report_to == "tensorboard":
+        # Points an interrupted run logged after this checkpoint are hidden (purged) by TensorBoard,
+        # so the curve continues from here without going back in steps.
+        accelerator.init_trackers("runs", init_kwargs={"tensorboard": {"purge_step": progress.global_step + 1}})
+
+    def stop_requested() -> bool:
+        """A collective: True on every rank if any rank was signalled or the deadline is near."""
+        if deadline.reached(time.time()):
+            stop.request("deadline")
+        if stop.reason:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
+
+    def stop_early() -> int:
+        progress_bar.close()
+        reason = stop.reason or "another rank was asked to stop"
+        say(f"\n🛑 Stopping at step {progress.global_step}: {reason}")
+        if progress.global_step > 0:
+            save(reason)  # nothing to save before the first step
+        if accelerator.is_main_process:
+            state.write_live_state(output_dir, progress, log_history, run_history, stop_reason=reason)
+        say("▶️  To continue, run the same command again.")
+        accelerator.end_training()  # last: it also tears down the process group
+        return EXIT_STOPPED_EARLY
 
     # ---- the loop
-    stop.install()
     progress_bar = ProgressLine(accelerator, progress)
+    if stop_requested():  # signalled while loading
+        return stop_early()
     step_began = time.monotonic()
     while progress.global_step < total_steps:
         epoch, steps_done_in_epoch = divmod(progress.global_step, steps_per_epoch)
@@ -658,23 +688,16 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
                 unlogged_loss.zero_()
                 progress.unlogged_steps = 0
                 progress_bar.log(log_history[-1])
+                accelerator.log({
+                    "train/loss": mean_loss, "train/learning_rate": log_history[-1]["learning_rate"],
+                    "train/samples_per_second": progress_bar.steps_per_second() * global_batch,
+                }, step=progress.global_step)  # fmt: skip
                 if accelerator.is_main_process:
-                    state.write_live_state(output_dir, progress, log_history, run_history)
+                    state.write_live_state(output_dir, progress, log_history, run_history, steps_per_second=progress_bar.steps_per_second())
             progress_bar.advance()
 
-            if deadline.reached(time.time()):
-                stop.request("deadline")
-            if stop.reason:
-                accelerator.set_trigger()
-            if accelerator.check_trigger():  # every rank stops at the same step
-                progress_bar.close()
-                reason = stop.reason or "another rank was asked to stop"
-                say(f"\n🛑 Stopping at step {progress.global_step}: {reason}")
-                save(reason)
-                if accelerator.is_main_process:
-                    state.write_live_state(output_dir, progress, log_history, run_history, stop_reason=reason)
-                say("▶️  To continue, run the same command again.")
-                return EXIT_STOPPED_EARLY
+            if stop_requested():
+                return stop_early()
             if progress.global_step % config.save_steps == 0 or progress.global_step == total_steps:
                 save("every --save_steps" if progress.global_step < total_steps else "final step")
     progress_bar.close()
@@ -687,6 +710,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         state.write_live_state(output_dir, progress, log_history, run_history, stop_reason="complete", training_complete=True)
         say(f"🏁 Training complete: {total_steps} steps. Final model in {output_dir}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it also tears down the process group
     return EXIT_DONE
 
 
@@ -702,10 +726,12 @@ class ProgressLine:
         self.started_at, self.started_step = time.monotonic(), progress.global_step
         self.bar = tqdm(total=progress.total_steps, initial=progress.global_step, unit="step", dynamic_ncols=True) if self.interactive else None
 
-    def _speed(self) -> tuple[float, float]:
+    def steps_per_second(self) -> float:
         elapsed = time.monotonic() - self.started_at
-        steps = self.progress.global_step - self.started_step
-        steps_per_second = steps / elapsed if elapsed > 0 else 0.0
+        return (self.progress.global_step - self.started_step) / elapsed if elapsed > 0 else 0.0
+
+    def _speed(self) -> tuple[float, float]:
+        steps_per_second = self.steps_per_second()
         eta = (self.progress.total_steps - self.progress.global_step) / steps_per_second if steps_per_second else float("nan")
         return steps_per_second, eta
 
@@ -752,7 +778,9 @@ def run_cli(argv=None) -> int:
     try:
         config = parse_config(sys.argv[1:] if argv is None else argv)
         config.validate()
-        code = main(config, StopRequests(on_abort=lambda: record_exit_code(config, EXIT_ABORTED)))
+        stop = StopRequests(on_abort=lambda: record_exit_code(config, EXIT_ABORTED))
+        stop.install()  # at once: a signal while the data loads must not kill the process either
+        code = main(config, stop)
     except UsageError as error:
         report(f"error: {error}")
         code = EXIT_USAGE

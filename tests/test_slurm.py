@@ -38,6 +38,9 @@ def test_job_hits_its_time_limit_saves_requeues_itself_and_finishes_byte_identic
             live = json.loads((output_dir / "trainer_state.json").read_text()) if (output_dir / "trainer_state.json").exists() else {}
             if live.get("training_complete"):
                 break
+            queued = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()
+            if not queued:
+                break  # the job ended without finishing the training: the asserts below say why
             time.sleep(5)
         text = log.read_text()
         assert live.get("training_complete"), text[-3000:]
