@@ -94,6 +94,9 @@ class TrainingState:
     # first log line after a resume averages exactly the steps it would have averaged.
     unlogged_loss_sums: list = dataclasses.field(default_factory=list)
     unlogged_steps: int = 0
+    # The best evaluation so far (--metric_for_best_model) and the checkpoint that holds it.
+    best_metric: float | None = None
+    best_model_checkpoint: str | None = None
 
     @property
     def epoch(self) -> float:

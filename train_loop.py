@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import logging
 import math
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 import state
+from data import TASKS, Collator, DataError, data_builder_for, prepare_datasets
 from state import TrainingState
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED_EARLY, EXIT_ABORTED = 0, 1, 2, 75, 130
@@ -55,20 +55,26 @@ class TrainingConfig:
 
     output_dir: str = flag("./results", "where checkpoints, logs and the final model go")
     # what to train
-    config_name: str = flag(None, "model config file (.json) or directory; default: the built-in small GPT-2")
-    tokenizer_name: str = flag(None, "tokenizer directory or hub id; default: a byte-level tokenizer (no download)")
+    model_name_or_path: str = flag(None, "a pretrained model: a directory saved with save_pretrained, or a hub id")
+    config_name: str = flag(None, "model config file (.json) or directory, random init; default: the built-in small GPT-2")
+    tokenizer_name: str = flag(None, "tokenizer directory or hub id; default: the model's, else a byte-level one (no download)")
+    task: str = flag("causal-lm", "causal-lm or sequence-classification")
     train_file: str = flag(None, "training data: .txt, .json/.jsonl, .csv or .parquet")
     text_column: str = flag("text", "the column of --train_file or --dataset_name that holds the text")
+    label_column: str = flag("label", "sequence classification: the column with the labels (integers or strings)")
+    validation_file: str = flag(None, "evaluation data, same format as --train_file")
+    validation_split_percentage: int = flag(None, "hold out this percentage of the training data for evaluation")
     dataset_name: str = flag(None, "a data set on the Hugging Face hub")
     dataset_config_name: str = flag(None, "the configuration of --dataset_name")
     max_train_samples: int = flag(None, "train on the first N samples (blocks) only")
-    block_size: int = flag(128, "tokens per training sample")
+    block_size: int = flag(128, "tokens per training sample (the maximum length for classification)")
     # how long
     max_steps: int = flag(-1, "optimizer steps to train; overrides --num_train_epochs when > 0")
     num_train_epochs: float = flag(3.0, "epochs to train when --max_steps is not set")
     max_time: str = flag(None, "stop with a checkpoint before this much wall time: 5400, 90m, 1h30m or 01:30:00")
     # optimization
     per_device_train_batch_size: int = flag(8, "samples per process per micro-batch")
+    per_device_eval_batch_size: int = flag(8, "samples per process per evaluation batch")
     gradient_accumulation_steps: int = flag(1, "micro-batches per optimizer step")
     learning_rate: float = flag(5e-4, "peak learning rate of AdamW")
     weight_decay: float = flag(0.0, "AdamW weight decay (not applied to biases and norms)")
@@ -81,6 +87,10 @@ class TrainingConfig:
     save_steps: int = flag(1000, "save a checkpoint every N optimizer steps")
     save_total_limit: int = flag(3, "keep the newest N checkpoints")
     logging_steps: int = flag(50, "log loss and learning rate every N steps")
+    eval_steps: int = flag(None, "evaluate every N steps when there is validation data (default: --save_steps)")
+    metric_for_best_model: str = flag(None, "keep the best checkpoint by this metric, e.g. eval_loss or eval_accuracy")
+    greater_is_better: str = flag(None, "true if a larger --metric_for_best_model is better (default: false for losses)")
+    load_best_model_at_end: bool = flag(False, "write the best checkpoint's model as the final model")
     resume_from_checkpoint: str = flag("auto", "auto (newest valid in --output_dir), none (start fresh) or a path")
     allow_config_change: bool = flag(False, "resume even if flags that change the result differ from the checkpoint")
     report_to: str = flag("none", "none or tensorboard (logs under OUTPUT_DIR/runs)")
@@ -88,9 +98,9 @@ class TrainingConfig:
 
     def validate(self) -> None:
         """Raise UsageError naming the flag for the first bad value."""
-        positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "block_size", "save_steps", "logging_steps"]
+        positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "block_size", "save_steps", "logging_steps", "eval_steps"]  # fmt: skip
         for name in positive:
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be a positive integer (got {getattr(self, name)})")
         if self.learning_rate < 0:
             raise UsageError(f"--learning_rate must not be negative (got {self.learning_rate})")
@@ -111,6 +121,25 @@ class TrainingConfig:
         schedules = [kind.value for kind in SchedulerType]
         if self.lr_scheduler_type not in schedules:
             raise UsageError(f"--lr_scheduler_type {self.lr_scheduler_type!r}: choose one of {', '.join(schedules)}")
+        if self.task not in TASKS:
+            raise UsageError(f"--task {self.task!r}: choose causal-lm or sequence-classification")
+        if self.model_name_or_path and self.config_name:
+            raise UsageError("give either --model_name_or_path (pretrained) or --config_name (random init), not both")
+        if self.model_name_or_path and self.model_name_or_path.startswith(("/", ".", "~")) and not Path(self.model_name_or_path).is_dir():
+            raise UsageError(f"--model_name_or_path {self.model_name_or_path}: no such directory")
+        if self.validation_file and not Path(self.validation_file).is_file():
+            raise UsageError(f"--validation_file {self.validation_file}: no such file")
+        if self.validation_file and self.validation_split_percentage:
+            raise UsageError("give either --validation_file or --validation_split_percentage, not both")
+        if self.validation_split_percentage is not None and not 0 < self.validation_split_percentage < 100:
+            raise UsageError(f"--validation_split_percentage must be between 1 and 99 (got {self.validation_split_percentage})")
+        if self.greater_is_better not in (None, "true", "false", "True", "False"):
+            raise UsageError(f"--greater_is_better takes true or false (got {self.greater_is_better!r})")
+        if self.load_best_model_at_end and not (self.validation_file or self.validation_split_percentage or self.dataset_name):
+            raise UsageError("--load_best_model_at_end needs evaluation data: add --validation_file or --validation_split_percentage")
+        produced = {"causal-lm": ("eval_loss", "eval_perplexity"), "sequence-classification": ("eval_loss", "eval_accuracy")}
+        if self.metric_for_best_model and self.metric_for_best_model not in produced.get(self.task, ()):
+            raise UsageError(f"--metric_for_best_model {self.metric_for_best_model!r}: --task {self.task} reports {', '.join(produced[self.task])}")
         if self.report_to not in ("none", "tensorboard"):
             raise UsageError(f"--report_to {self.report_to!r}: choose none or tensorboard")
         if self.train_file and self.dataset_name:
@@ -132,13 +161,23 @@ class TrainingConfig:
 
     @property
     def model_config_path(self) -> str:
-        return self.config_name or str(DEFAULT_MODEL_CONFIG)
+        return self.model_name_or_path or self.config_name or str(DEFAULT_MODEL_CONFIG)
+
+    @property
+    def best_metric_name(self) -> str | None:
+        return self.metric_for_best_model or ("eval_loss" if self.load_best_model_at_end else None)
+
+    @property
+    def best_is_greater(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better.lower() == "true"
+        return not self.best_metric_name.endswith("loss")
 
 
 # Flags whose change makes a resumed run differ from an uninterrupted one.
 RESULT_CHANGING_FLAGS = [
-    "seed", "per_device_train_batch_size", "global_batch_size", "block_size", "model_config",
-    "tokenizer_name", "train_file", "dataset_name", "dataset_config_name", "text_column",
+    "seed", "per_device_train_batch_size", "global_batch_size", "block_size", "model_config", "model_name_or_path",
+    "task", "label_column", "tokenizer_name", "train_file", "dataset_name", "dataset_config_name", "text_column",
     "max_train_samples", "data_fingerprint", "learning_rate", "weight_decay", "warmup_steps",
     "lr_scheduler_type", "max_grad_norm", "num_train_epochs",
 ]  # fmt: skip
@@ -243,89 +282,25 @@ class Deadline:
 
 
 def slurm_job_end_time() -> float | None:
-    """The SLURM job's end time (epoch seconds), when running inside a SLURM job."""
+    """The SLURM job's end time (epoch seconds), when running inside a SLURM job with a time limit."""
     if os.environ.get("SLURM_JOB_END_TIME", "").isdigit():
         return float(os.environ["SLURM_JOB_END_TIME"])
     job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id or not shutil.which("squeue"):
+    if not job_id:
         return None
-    try:
-        answer = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%e"], capture_output=True, text=True, timeout=20)
-        end = time.mktime(time.strptime(answer.stdout.strip(), "%Y-%m-%dT%H:%M:%S"))
-    except (subprocess.SubprocessError, ValueError, OSError):
-        return None  # no time limit known ("NONE", "UNLIMITED" or squeue unavailable)
-    return end
-
-
-# --------------------------------------------------------------------------- data
-
-
-def data_builder_for(path: str) -> str | None:
-    suffix = Path(path).suffix.lower()
-    return {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(suffix)
-
-
-def builtin_corpus_files() -> list[str]:
-    """The Python standard library's top-level .py files: text every machine has."""
-    import sysconfig
-
-    return sorted(str(path) for path in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-
-
-def load_raw_text(config: TrainingConfig):
-    import datasets
-
-    if config.dataset_name:
-        raw = datasets.load_dataset(config.dataset_name, config.dataset_config_name, split="train")
-    elif config.train_file:
-        builder = data_builder_for(config.train_file)
-        raw = datasets.load_dataset(builder, data_files={"train": config.train_file}, split="train")
-    else:
-        files = builtin_corpus_files()
-        raw = datasets.load_dataset("text", data_files={"train": files}, sample_by="document", split="train")
-    if config.text_column not in raw.column_names:
-        columns = ", ".join(raw.column_names)
-        raise UsageError(f"--text_column {config.text_column!r} is not in the data (columns: {columns}); pass one of them")
-    return raw
-
-
-def tokenize_and_group(raw, tokenizer, config: TrainingConfig, accelerator):
-    """Token blocks of exactly --block_size, cached by `datasets` so a restart does not redo them."""
-
-    # Cache keys are named here rather than left to `datasets`' hashing of the functions,
-    # which changes with the module's name (python train_loop.py vs an import) and would
-    # redo the work and change the data's identity.
-    text_column, block_size = config.text_column, config.block_size
-    tokenizer_identity = f"{type(tokenizer).__name__}:{config.tokenizer_name}:{len(tokenizer)}"
-    tokenized_key = fingerprint(raw._fingerprint, tokenizer_identity, text_column)
-    blocks_key = fingerprint(tokenized_key, block_size)
-
-    def tokenize(batch):
-        return {"input_ids": tokenizer(batch[text_column])["input_ids"]}
-
-    def group_into_blocks(batch):
-        tokens = list(itertools.chain.from_iterable(batch["input_ids"]))
-        usable = len(tokens) - len(tokens) % block_size
-        return {"input_ids": [tokens[i : i + block_size] for i in range(0, usable, block_size)]}
-
-    # The main process fills the cache first; the others then read it instead of redoing it.
-    with accelerator.main_process_first():
-        tokenized = raw.map(tokenize, batched=True, remove_columns=raw.column_names, new_fingerprint=tokenized_key, desc="Tokenizing")
-        blocks = tokenized.map(group_into_blocks, batched=True, new_fingerprint=blocks_key, desc=f"Grouping into blocks of {block_size}")
-    if config.max_train_samples is not None:
-        blocks = blocks.select(range(min(config.max_train_samples, len(blocks))))
-    return blocks
-
-
-def fingerprint(*parts) -> str:
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
-
-
-def collate_blocks(examples):
-    import torch
-
-    input_ids = torch.tensor([example["input_ids"] for example in examples], dtype=torch.long)
-    return {"input_ids": input_ids, "labels": input_ids}  # the model shifts the labels itself
+    questions = [
+        (["squeue", "-h", "-j", job_id, "-o", "%e"], lambda out: out.strip()),
+        (["scontrol", "show", "job", job_id], lambda out: re.search(r"EndTime=(\S+)", out).group(1)),
+    ]
+    for command, read_end in questions:
+        if not shutil.which(command[0]):
+            continue
+        try:
+            answer = subprocess.run(command, capture_output=True, text=True, timeout=20)
+            return time.mktime(time.strptime(read_end(answer.stdout), "%Y-%m-%dT%H:%M:%S"))
+        except (subprocess.SubprocessError, OSError, ValueError, AttributeError):
+            continue  # "NONE"/"Unknown" (no limit), or this tool is not usable here
+    return None
 
 
 # --------------------------------------------------------------------------- the model
@@ -334,18 +309,39 @@ def collate_blocks(examples):
 def build_tokenizer(config: TrainingConfig):
     from transformers import AutoTokenizer, ByT5Tokenizer
 
-    if config.tokenizer_name:
-        return AutoTokenizer.from_pretrained(config.tokenizer_name)
-    return ByT5Tokenizer()  # bytes in, bytes out: needs no vocabulary file and no download
+    source = config.tokenizer_name or config.model_name_or_path
+    if source is None:
+        return ByT5Tokenizer()  # bytes in, bytes out: needs no vocabulary file and no download
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        raise UsageError(f"cannot load a tokenizer from {source}: {str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2-style tokenizers have none; classification pads
+    return tokenizer
 
 
-def build_model(config: TrainingConfig, tokenizer):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def build_model(config: TrainingConfig, tokenizer, label_names: list | None):
+    """The model for --task: pretrained from --model_name_or_path, else random init from a config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model_config = AutoConfig.from_pretrained(config.model_config_path)
+    extra = {}
+    if config.task == "sequence-classification":
+        # The user's own label names travel with the model, so predictions come back in their words.
+        extra = {
+            "num_labels": len(label_names), "id2label": {i: str(name) for i, name in enumerate(label_names)},
+            "label2id": {str(name): i for i, name in enumerate(label_names)}, "pad_token_id": tokenizer.pad_token_id,
+        }  # fmt: skip
+    model_class = AutoModelForCausalLM if config.task == "causal-lm" else AutoModelForSequenceClassification
+    try:
+        if config.model_name_or_path:
+            return model_class.from_pretrained(config.model_name_or_path, **extra)
+        model_config = AutoConfig.from_pretrained(config.model_config_path, **extra)
+    except OSError as error:
+        raise UsageError(f"cannot load a model from {config.model_config_path}: {str(error).splitlines()[0]}") from None
     if getattr(model_config, "vocab_size", len(tokenizer)) < len(tokenizer):
         raise UsageError(f"--config_name: vocab_size {model_config.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
-    return AutoModelForCausalLM.from_config(model_config)
+    return model_class.from_config(model_config)
 
 
 def build_optimizer(model, config: TrainingConfig):
@@ -356,6 +352,10 @@ def build_optimizer(model, config: TrainingConfig):
     not_decayed = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decayed, "weight_decay": config.weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+def is_better(value: float, best: float | None, greater_is_better: bool) -> bool:
+    return best is None or (value > best if greater_is_better else value < best)
 
 
 def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm):
@@ -375,6 +375,38 @@ def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss
+
+
+def evaluate(accelerator, model, eval_dataloader, task: str) -> dict:
+    """Evaluation loss (and perplexity or accuracy) over the whole validation set, all ranks.
+
+    The global RNG is left exactly as it was: starting a DataLoader draws from it, and
+    training after an evaluation must not depend on whether a resume re-ran it.
+    """
+    import torch
+
+    rng_before = state.capture_rng_state()
+    model.eval()
+    loss_sum, examples, correct = 0.0, 0, 0
+    for batch in eval_dataloader:
+        with torch.no_grad():
+            outputs = model(**batch)
+        size = batch["labels"].shape[0]
+        # gather_for_metrics drops the samples repeated to give every rank the same batch count.
+        losses = accelerator.gather_for_metrics(outputs.loss.detach().float().repeat(size))
+        loss_sum += losses.sum().item()
+        examples += losses.numel()
+        if task == "sequence-classification":
+            predictions, labels = accelerator.gather_for_metrics((outputs.logits.argmax(-1), batch["labels"]))
+            correct += (predictions == labels).sum().item()
+    model.train()
+    state.restore_rng_state(rng_before)
+    metrics = {"eval_loss": round(loss_sum / examples, 6)}
+    if task == "causal-lm":
+        metrics["eval_perplexity"] = round(math.exp(min(metrics["eval_loss"], 50.0)), 4)
+    else:
+        metrics["eval_accuracy"] = round(correct / examples, 6)
+    return metrics
 
 
 def optimizer_steps_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, accumulation):
@@ -534,9 +566,9 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
 
     # ---- data and model: every bad input is found here, before anything is written
     tokenizer = build_tokenizer(config)
-    train_data = tokenize_and_group(load_raw_text(config), tokenizer, config, accelerator)
+    train_data, eval_data, label_names = prepare_datasets(config, tokenizer, accelerator)
     set_seed(config.seed)
-    model = build_model(config, tokenizer)
+    model = build_model(config, tokenizer, label_names)
 
     # ---- where to start: decided once on the main process, shared with every rank
     lock = state.OutputDirLock(output_dir)
@@ -563,14 +595,21 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     if steps_per_epoch == 0:
         raise UsageError(f"the training data has {len(train_data)} blocks, fewer than one global batch of {global_batch}; use more data or a smaller --per_device_train_batch_size")
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+    collate = Collator(config.task, tokenizer.pad_token_id)
     train_dataloader = torch.utils.data.DataLoader(
         train_data, batch_size=per_device, shuffle=True, drop_last=True,
-        collate_fn=collate_blocks, num_workers=config.dataloader_num_workers,
+        collate_fn=collate, num_workers=config.dataloader_num_workers,
     )  # fmt: skip
+    eval_dataloader = None
+    if eval_data is not None:
+        eval_dataloader = torch.utils.data.DataLoader(eval_data, batch_size=config.per_device_eval_batch_size, collate_fn=collate)
+    eval_steps = config.eval_steps or config.save_steps
 
     optimizer = build_optimizer(model, config)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
     model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
+    if eval_dataloader is not None:
+        eval_dataloader = accelerator.prepare(eval_dataloader)
 
     run_args = {
         **dataclasses.asdict(config),
@@ -595,6 +634,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         progress.global_step = saved.global_step
         progress.unlogged_steps = saved.unlogged_steps
         progress.unlogged_loss_sums = saved.unlogged_loss_sums
+        progress.best_metric, progress.best_model_checkpoint = saved.best_metric, saved.best_model_checkpoint
         say(f"✅ Resumed from checkpoint (step {progress.global_step}, epoch {progress.epoch:.2f})")
         if progress.global_step >= total_steps:
             say(f"✅ Training is already complete ({progress.global_step} of {total_steps} steps); nothing to do")
@@ -631,7 +671,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         deadline.save_seconds = time.monotonic() - began
         last_saved_step = progress.global_step
         if accelerator.is_main_process:
-            best = ()
+            best = (output_dir / progress.best_model_checkpoint,) if progress.best_model_checkpoint else ()
             deleted = state.rotate_checkpoints(output_dir, config.save_total_limit, protect=best)
             gone = f", removed {', '.join(p.name for p in deleted)}" if deleted else ""
             say(f"💾 Saved {path.name} ({reason}, {deadline.save_seconds:.1f}s{gone})")
@@ -665,6 +705,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         return EXIT_STOPPED_EARLY
 
     # ---- the loop
+    model.train()  # from_pretrained returns a model in eval mode: dropout would be off
     progress_bar = ProgressLine(accelerator, progress)
     if stop_requested():  # signalled while loading
         return stop_early()
@@ -696,6 +737,16 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
                     state.write_live_state(output_dir, progress, log_history, run_history, steps_per_second=progress_bar.steps_per_second())
             progress_bar.advance()
 
+            if eval_dataloader is not None and (progress.global_step % eval_steps == 0 or progress.global_step == total_steps):
+                metrics = evaluate(accelerator, model, eval_dataloader, config.task)
+                log_history.append({"step": progress.global_step, **metrics, "epoch": round(progress.epoch, 4)})
+                accelerator.log({name.replace("eval_", "eval/"): value for name, value in metrics.items()}, step=progress.global_step)
+                say("📊 step " + str(progress.global_step) + ": " + ", ".join(f"{name} {value}" for name, value in metrics.items()))
+                if config.best_metric_name and is_better(metrics[config.best_metric_name], progress.best_metric, config.best_is_greater):
+                    progress.best_metric = metrics[config.best_metric_name]
+                    progress.best_model_checkpoint = f"{state.CHECKPOINT_PREFIX}{progress.global_step}"
+                    save(f"best {config.best_metric_name} so far")  # the best must exist as a checkpoint
+
             if stop_requested():
                 return stop_early()
             if progress.global_step % config.save_steps == 0 or progress.global_step == total_steps:
@@ -704,6 +755,11 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
 
     # ---- the end: the final model, loadable with from_pretrained
     save("final step")
+    if config.load_best_model_at_end and progress.best_model_checkpoint:
+        from safetensors.torch import load_model
+
+        load_model(accelerator.unwrap_model(model), str(output_dir / progress.best_model_checkpoint / "model.safetensors"))
+        say(f"🏆 The final model is the best one: {progress.best_model_checkpoint} ({config.best_metric_name} {progress.best_metric})")
     full_state_dict = accelerator.get_state_dict(model)  # a collective under FSDP / ZeRO-3: every rank
     if accelerator.is_main_process:
         state.save_final_model(accelerator.unwrap_model(model), tokenizer, output_dir, full_state_dict)
@@ -782,6 +838,9 @@ def run_cli(argv=None) -> int:
         stop.install()  # at once: a signal while the data loads must not kill the process either
         code = main(config, stop)
     except UsageError as error:
+        report(f"error: {error}")
+        code = EXIT_USAGE
+    except DataError as error:
         report(f"error: {error}")
         code = EXIT_USAGE
     except (state.CheckpointError, state.NoValidCheckpoint) as error:

@@ -1,0 +1,162 @@
+"""Training and evaluation data: loading with `datasets`, tokenizing once (cached), batching.
+
+Two tasks:
+  causal-lm                 text cut into blocks of exactly --block_size tokens
+  sequence-classification   one example per row, truncated to --block_size, with a label
+
+Preprocessing runs through `datasets.map` with cache keys we name ourselves, so a restart
+reads the cache instead of tokenizing again, and the keys double as the data's identity
+that a resume compares with the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import sysconfig
+from pathlib import Path
+
+TASKS = ("causal-lm", "sequence-classification")
+
+
+class DataError(Exception):
+    """Bad data or data flags: one line for the user, exit 2."""
+
+
+def data_builder_for(path: str) -> str | None:
+    suffix = Path(path).suffix.lower()
+    return {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(suffix)
+
+
+def builtin_corpus_files() -> list[str]:
+    """The Python standard library's top-level .py files: text every machine has."""
+    return sorted(str(path) for path in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def load_splits(config) -> tuple:
+    """(train, validation or None) as raw `datasets.Dataset`s with the user's columns."""
+    import datasets
+
+    validation = None
+    if config.dataset_name:
+        splits = datasets.load_dataset(config.dataset_name, config.dataset_config_name)
+        train = splits["train"]
+        validation = splits["validation"] if "validation" in splits else None
+    elif config.train_file:
+        train = datasets.load_dataset(data_builder_for(config.train_file), data_files={"train": config.train_file}, split="train")
+    else:
+        files = builtin_corpus_files()
+        train = datasets.load_dataset("text", data_files={"train": files}, sample_by="document", split="train")
+    if config.validation_file:
+        builder = data_builder_for(config.validation_file)
+        validation = datasets.load_dataset(builder, data_files={"validation": config.validation_file}, split="validation")
+    elif config.validation_split_percentage:
+        # A fixed split: the same rows are held out on every start (seeded, cached by `datasets`).
+        parts = train.train_test_split(test_size=config.validation_split_percentage / 100, seed=config.seed)
+        train, validation = parts["train"], parts["test"]
+
+    needed = [config.text_column] + ([config.label_column] if config.task == "sequence-classification" else [])
+    for split_name, split in (("training", train), ("validation", validation)):
+        if split is None:
+            continue
+        for column in needed:
+            if column not in split.column_names:
+                flag = "--text_column" if column == config.text_column else "--label_column"
+                columns = ", ".join(split.column_names)
+                raise DataError(f"{flag} {column!r} is not in the {split_name} data (columns: {columns}); pass one of them")
+    return train, validation
+
+
+def tokenizer_identity(tokenizer, config) -> str:
+    return f"{type(tokenizer).__name__}:{config.model_name_or_path}:{config.tokenizer_name}:{len(tokenizer)}"
+
+
+def causal_lm_blocks(raw, tokenizer, config, accelerator):
+    """Token blocks of exactly --block_size (the remainder of the concatenated text is dropped)."""
+    text_column, block_size = config.text_column, config.block_size
+    tokenized_key = fingerprint(raw._fingerprint, tokenizer_identity(tokenizer, config), text_column)
+    blocks_key = fingerprint(tokenized_key, block_size)
+
+    def tokenize(batch):
+        return {"input_ids": tokenizer(batch[text_column])["input_ids"]}
+
+    def group_into_blocks(batch):
+        tokens = list(itertools.chain.from_iterable(batch["input_ids"]))
+        usable = len(tokens) - len(tokens) % block_size
+        return {"input_ids": [tokens[i : i + block_size] for i in range(0, usable, block_size)]}
+
+    # The main process fills the cache first; the others then read it instead of redoing it.
+    with accelerator.main_process_first():
+        tokenized = raw.map(tokenize, batched=True, remove_columns=raw.column_names, new_fingerprint=tokenized_key, desc="Tokenizing")
+        return tokenized.map(group_into_blocks, batched=True, new_fingerprint=blocks_key, desc=f"Grouping into blocks of {block_size}")
+
+
+def label_names(raw_train, config) -> list:
+    """The sorted distinct labels of the training data; their positions are the class ids."""
+    names = sorted(set(raw_train[config.label_column]))
+    if any(name is None for name in names):
+        raise DataError(f"--label_column {config.label_column!r} has empty values; every training row needs a label")
+    return names
+
+
+def classification_examples(raw, tokenizer, config, accelerator, names: list):
+    """input_ids (truncated to --block_size) and integer labels, one example per row."""
+    text_column, label_column, block_size = config.text_column, config.label_column, config.block_size
+    label_to_id = {name: index for index, name in enumerate(names)}
+    key = fingerprint(raw._fingerprint, tokenizer_identity(tokenizer, config), text_column, label_column, block_size, names)
+
+    def tokenize(batch):
+        unknown = {label for label in batch[label_column] if label not in label_to_id}
+        if unknown:
+            raise DataError(f"labels {sorted(unknown)} are not in the training data's labels {names}")
+        encoded = tokenizer(batch[text_column], truncation=True, max_length=block_size)
+        return {"input_ids": encoded["input_ids"], "labels": [label_to_id[label] for label in batch[label_column]]}
+
+    with accelerator.main_process_first():
+        return raw.map(tokenize, batched=True, remove_columns=raw.column_names, new_fingerprint=key, desc="Tokenizing")
+
+
+class Collator:
+    """Stacks blocks (causal LM) or pads to the longest example in the batch (classification).
+
+    A class rather than a closure so that data-loading worker processes can pickle it.
+    """
+
+    def __init__(self, task: str, pad_token_id: int):
+        self.task = task
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples):
+        import torch
+
+        if self.task == "causal-lm":
+            input_ids = torch.tensor([example["input_ids"] for example in examples], dtype=torch.long)
+            return {"input_ids": input_ids, "labels": input_ids}  # the model shifts the labels itself
+        longest = max(len(example["input_ids"]) for example in examples)
+        input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+        for row, example in enumerate(examples):
+            input_ids[row, : len(example["input_ids"])] = torch.tensor(example["input_ids"])
+            attention_mask[row, : len(example["input_ids"])] = 1
+        labels = torch.tensor([example["labels"] for example in examples], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def prepare_datasets(config, tokenizer, accelerator) -> tuple:
+    """(train, validation or None, label names or None), tokenized and ready for a DataLoader."""
+    raw_train, raw_validation = load_splits(config)
+    names = None
+    if config.task == "causal-lm":
+        train = causal_lm_blocks(raw_train, tokenizer, config, accelerator)
+        validation = causal_lm_blocks(raw_validation, tokenizer, config, accelerator) if raw_validation is not None else None
+    else:
+        names = label_names(raw_train, config)
+        train = classification_examples(raw_train, tokenizer, config, accelerator, names)
+        validation = classification_examples(raw_validation, tokenizer, config, accelerator, names) if raw_validation is not None else None
+    if config.max_train_samples is not None:
+        train = train.select(range(min(config.max_train_samples, len(train))))
+    return train, validation, names
