@@ -341,7 +341,10 @@ def build_model(config: TrainingConfig, tokenizer, label_names: list | None):
         raise UsageError(f"cannot load a model from {config.model_config_path}: {str(error).splitlines()[0]}") from None
     if getattr(model_config, "vocab_size", len(tokenizer)) < len(tokenizer):
         raise UsageError(f"--config_name: vocab_size {model_config.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
-    return model_class.from_config(model_config)
+    model = model_class.from_config(model_config)
+    if config.task == "causal-lm" and getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"  # what transformers falls back to anyway, minus its warning at every start
+    return model
 
 
 def build_optimizer(model, config: TrainingConfig):
