@@ -302,7 +302,7 @@ def _expected_checkpoint_bytes(output_dir: Path, model) -> int:
     return 3 * parameter_bytes
 
 
-def _human_bytes(count: float) -> str:
+def human_bytes(count: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if count < 1000 or unit == "TB":
             return f"{count:.1f} {unit}"
@@ -316,7 +316,7 @@ def check_free_space(output_dir: Path, model) -> None:
     free = shutil.disk_usage(output_dir).free
     if needed > free:
         raise NotEnoughDiskSpace(
-            f"the next checkpoint needs ~{_human_bytes(needed)}, {_human_bytes(free)} free in {Path(output_dir).resolve()}"
+            f"the next checkpoint needs ~{human_bytes(needed)}, {human_bytes(free)} free in {Path(output_dir).resolve()}"
         )
 
 

@@ -67,14 +67,6 @@ def describe(output_dir: Path) -> dict:
     }  # fmt: skip
 
 
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if count < 1000 or unit == "TB":
-            return f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"
-
-
 def human_duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "?"
@@ -105,10 +97,10 @@ def print_report(report: dict) -> None:
         print(f"   {entry['time']}  {entry['event']} at step {entry['step']} on {entry['world_size']} process(es){stopped}")
     for checkpoint in report["checkpoints"]:
         mark = "✅" if checkpoint["valid"] else f"❌ {checkpoint['problem']}"
-        print(f"   {checkpoint['name']:<20} step {checkpoint['step']:<8} {human_bytes(checkpoint['bytes']):>9}  {human_duration(checkpoint['age_seconds'])} old  {mark}")
+        print(f"   {checkpoint['name']:<20} step {checkpoint['step']:<8} {state.human_bytes(checkpoint['bytes']):>9}  {human_duration(checkpoint['age_seconds'])} old  {mark}")
     for name in report["corrupt"]:
         print(f"   {name:<20} moved aside (damaged)")
-    print(f"   💽 {human_bytes(report['disk_free_bytes'])} free")
+    print(f"   💽 {state.human_bytes(report['disk_free_bytes'])} free")
 
 
 def plot(output_dir: Path, report: dict) -> Path:

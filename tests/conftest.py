@@ -111,6 +111,15 @@ class Training:
         return "".join(self.output)
 
 
+def kill_when(env, output_dir, flags, pattern: str, launcher=None, harness_env=None) -> str:
+    """Start a training, SIGKILL it (and its children) as soon as it prints `pattern`; its output."""
+    run = Training(env, output_dir, flags, launcher=launcher, harness_env=harness_env)
+    run.wait_for(pattern)
+    run.signal_group()
+    run.finish()
+    return run.text
+
+
 def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

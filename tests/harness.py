@@ -45,7 +45,6 @@ if slow_save:
 record_file = os.environ.get("HARNESS_RECORD_BATCHES")
 if record_file:
     original_step = train_loop.train_step
-    steps_taken = [None]
 
     def recording_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm):
         digests = ",".join(hashlib.sha256(b["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16] for b in micro_batches)

@@ -1,7 +1,6 @@
 """Signals, deadlines and launch.sh's retry loop, on the real program."""
 
 import json
-import os
 import signal
 import subprocess
 import time

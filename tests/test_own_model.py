@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from conftest import Training, file_digest, tiny_flags, train
+from conftest import file_digest, kill_when, tiny_flags, train
 
 pytestmark = pytest.mark.slow
 
@@ -62,11 +62,7 @@ def test_causal_lm_from_a_local_directory_with_evaluation_resumes_exactly(tmp_pa
                        save_steps=10, eval_steps=15, validation_split_percentage=10, metric_for_best_model="eval_loss")  # fmt: skip
     reference = reference_runs(flags)
     output_dir = tmp_path / "run"
-    run = Training(session_env, output_dir, flags)
-    run.wait_for(r"📊 step 30: eval_loss")
-    run.wait_for(r"step 35/60")
-    run.signal_group()
-    run.finish()
+    kill_when(session_env, output_dir, flags, r"step 35/60")
     resumed = train(session_env, output_dir, flags)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
@@ -94,10 +90,7 @@ def test_sequence_classifier_on_a_csv_resumes_exactly_and_predicts_the_users_lab
                        load_best_model_at_end=True, learning_rate=3e-3)  # fmt: skip
     reference = reference_runs(flags)
     output_dir = tmp_path / "run"
-    run = Training(session_env, output_dir, flags)
-    run.wait_for(r"step 45/80")
-    run.signal_group()
-    run.finish()
+    kill_when(session_env, output_dir, flags, r"step 45/80")
     resumed = train(session_env, output_dir, flags)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
@@ -122,9 +115,6 @@ def test_resume_is_exact_with_data_loading_workers(tmp_path, session_env, corpus
     flags = tiny_flags(corpus, max_train_samples=200, max_steps=60, save_steps=10, dataloader_num_workers=2)
     reference = reference_runs(flags)
     output_dir = tmp_path / "run"
-    run = Training(session_env, output_dir, flags)
-    run.wait_for(r"step 35/60")
-    run.signal_group()
-    run.finish()
+    kill_when(session_env, output_dir, flags, r"step 35/60")
     assert train(session_env, output_dir, flags).returncode == 0
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")

@@ -1,6 +1,5 @@
 """Bad checkpoints, bad input, a full disk, two runs at once, a malicious pickle: each on the real program."""
 
-import json
 import os
 import pickle
 import resource
@@ -10,17 +9,14 @@ import subprocess
 import pytest
 
 import state
-from conftest import HARNESS, PYTHON, Training, file_digest, tiny_flags, train
+from conftest import HARNESS, PYTHON, Training, file_digest, kill_when, tiny_flags, train
 
 FLAGS = dict(max_train_samples=200, max_steps=40, save_steps=10)
 
 
 def interrupted_run(env, output_dir, flags, after="Saved checkpoint-30"):
     """A run killed right after it printed `after`."""
-    run = Training(env, output_dir, flags)
-    run.wait_for(after)
-    run.signal_group()
-    run.finish()
+    kill_when(env, output_dir, flags, after)
 
 
 def corrupt_truncate(path):
