@@ -1,15 +1,59 @@
-"""Smoke runs of the benchmarks at tiny sizes, so they do not rot."""
+"""Smoke runs of the benchmarks at tiny sizes, so they do not rot (the full runs are in BENCHMARKS.md)."""
 
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, TINY_MODEL, write_corpus
+
+
+def run_bench(env, script: str, *flags) -> list[list[str]]:
+    """Run bench/SCRIPT and return the cells of its Markdown table rows (header and separator left out)."""
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), *map(str, flags)],
+                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in table[1:]]
+
+
+def number(cell: str) -> float:
+    return float(cell.rstrip("x%s ").replace(",", ""))
 
 
 def test_restart_preprocessing_benchmark_runs_and_the_restart_reads_the_cache(session_env):
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "restart_preprocessing.py"), "--samples", "3000"],
-                            env=session_env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    row = result.stdout.strip().splitlines()[-1].strip("|").split("|")
+    [row] = run_bench(session_env, "restart_preprocessing.py", "--samples", 3000)
     first, restart = float(row[2]), float(row[3])
-    assert row[0].strip() == "3,000" and restart < first
+    assert row[0] == "3,000" and restart < first
+
+
+def test_loop_overhead_benchmark_times_all_three_loops(session_env):
+    rows = run_bench(session_env, "loop_overhead.py", "--config_name", TINY_MODEL, "--block_size", 32, "--repeats", 1,
+                     "--warmup_steps", 5, "--measured_steps", 10, "--logging_steps", 5, "--corpus_lines", 1000)  # fmt: skip
+    assert [row[0] for row in rows] == ["plain PyTorch loop", "train_loop.py", "transformers.Trainer"]
+    assert all(number(row[1]) > 0 for row in rows)
+    assert rows[0][3] == "1.000x"
+
+
+def test_save_cost_benchmark_writes_a_checkpoint_of_weights_and_two_adam_moments(session_env):
+    [row] = run_bench(session_env, "save_cost.py", "--models", "64x2", "--repeats", 1)
+    parameters, megabytes = number(row[1]), number(row[2])
+    assert 11 < megabytes * 1e6 / parameters < 14  # 3 x 4 bytes per parameter (tied embeddings once), plus small files
+    assert all(number(cell) > 0 for cell in (row[3], row[4], row[6], row[7]))
+
+
+def test_resume_cost_benchmark_resumes_early_and_late_in_the_epoch(session_env):
+    rows = run_bench(session_env, "resume_cost.py", "--samples", 4000, "--batch_size", 16, "--repeats", 1)
+    early, late, ratio = rows
+    assert (early[1], late[1]) == ("2", "238")  # 1 % and 95 % of 250 steps
+    for row in (early, late):
+        assert 0 < number(row[2]) < number(row[3])  # '✅ Resumed' comes before the first step
+    assert number(ratio[3]) > 0
+
+
+def test_interval_advice_measures_saves_and_steps_of_a_real_run(session_env, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=500)
+    rows = run_bench(session_env, "interval_advice.py", "--probe_steps", 30, "--probe_save_steps", 10, "--config_name", TINY_MODEL,
+                     "--train_file", corpus, "--block_size", 32, "--per_device_train_batch_size", 4)  # fmt: skip
+    assert [row[0] for row in rows] == ["250", "1000", "5000"]
+    between_saves = [float(row[1].split()[0]) * (60 if row[1].endswith("min") else 1) for row in rows]
+    assert 0 < between_saves[0] < between_saves[1] < between_saves[2]
+    assert all(number(row[2]) >= 0 for row in rows)

@@ -1,0 +1,171 @@
+"""Benchmark: optimizer steps per second of train_loop.py against a plain PyTorch loop and transformers.Trainer.
+
+    .venv/bin/python bench/loop_overhead.py [--repeats 5] [--config_name configs/gpt2-small-byte.json]
+
+The three loops train the same model config (random init, same seed) on the same data blocks, with
+the same batch size, AdamW, linear schedule and gradient clipping, and no checkpoints. Each runs as
+its own process and prints 'step N/T' every --logging_steps steps; the rate is taken between two such
+lines as they arrive (after --warmup_steps), so start-up, data preparation and train_loop.py's final
+save are not counted. train_loop.py is the real program (--save_steps beyond the measured steps).
+The three alternate, in a rotating order, --repeats times; the table shows the medians.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from restart_preprocessing import write_corpus
+from timeline import run_until, step_times, until_step
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+CONTENDERS = ("plain PyTorch loop", "train_loop.py", "transformers.Trainer")
+
+
+def training_blocks(args):
+    """The data blocks train_loop.py trains on (data.prepare_datasets, cached), and the tokenizer."""
+    from accelerate import PartialState
+
+    import train_loop
+    from data import prepare_datasets
+
+    flags = ["--config_name", args.config_name, "--train_file", args.train_file, "--block_size", str(args.block_size), "--output_dir", args.scratch]  # fmt: skip
+    config = train_loop.parse_config(flags)
+    tokenizer = train_loop.build_tokenizer(config)
+    train, _, _ = prepare_datasets(config, tokenizer, PartialState())
+    return train, tokenizer
+
+
+def fresh_model(args):
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+
+    set_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.config_name))
+    model.loss_type = "ForCausalLM"  # as train_loop.py does
+    return model.train()
+
+
+def plain_loop(args) -> None:
+    import torch
+    from transformers import get_scheduler
+
+    from data import Collator
+
+    train, tokenizer = training_blocks(args)
+    model = fresh_model(args)
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=args.batch_size, shuffle=True, drop_last=True,
+        collate_fn=Collator("causal-lm", tokenizer.pad_token_id), generator=torch.Generator().manual_seed(args.seed),
+    )  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=args.max_steps)
+    step = 0
+    while step < args.max_steps:
+        for batch in loader:
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % args.logging_steps == 0:
+                print(f"step {step}/{args.max_steps} loss {loss.item():.4f}", flush=True)
+            if step == args.max_steps:
+                break
+
+
+def trainer_loop(args) -> None:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from data import Collator
+
+    class PrintSteps(TrainerCallback):
+        def on_step_end(self, training_args, trainer_state, control, **kwargs):
+            if trainer_state.global_step % args.logging_steps == 0:
+                print(f"step {trainer_state.global_step}/{args.max_steps}", flush=True)
+
+    train, tokenizer = training_blocks(args)
+    training_args = TrainingArguments(
+        output_dir=args.scratch, per_device_train_batch_size=args.batch_size, max_steps=args.max_steps,
+        learning_rate=args.learning_rate, lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0,
+        seed=args.seed, optim="adamw_torch",  # the same torch.optim.AdamW as the others (Trainer's default is the fused one)
+        save_strategy="no", eval_strategy="no", logging_steps=args.max_steps, report_to="none",
+        dataloader_drop_last=True, dataloader_pin_memory=False, use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    collator = Collator("causal-lm", tokenizer.pad_token_id)
+    trainer = Trainer(model=fresh_model(args), args=training_args, train_dataset=train, data_collator=collator, callbacks=[PrintSteps()])
+    trainer.train()
+
+
+def commands(args, corpus: Path, scratch: Path, run: int) -> dict:
+    """The command line of each contender for one run."""
+    shared = ["--config_name", args.config_name, "--block_size", str(args.block_size), "--seed", str(args.seed),
+              "--learning_rate", str(args.learning_rate), "--max_steps", str(args.max_steps), "--logging_steps", str(args.logging_steps)]  # fmt: skip
+    worker = [sys.executable, __file__, "--train_file", str(corpus), "--batch_size", str(args.batch_size), *shared]
+    return {
+        "plain PyTorch loop": [*worker, "--worker", "plain", "--scratch", str(scratch / f"plain-{run}")],
+        "train_loop.py": [
+            sys.executable, str(REPO / "train_loop.py"), "--train_file", str(corpus), "--output_dir", str(scratch / f"train_loop-{run}"),
+            "--per_device_train_batch_size", str(args.batch_size), "--save_steps", str(args.max_steps + 1), *shared,
+        ],  # fmt: skip
+        "transformers.Trainer": [*worker, "--worker", "trainer", "--scratch", str(scratch / f"trainer-{run}")],
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each loop (alternating)")
+    parser.add_argument("--config_name", default=str(REPO / "configs" / "gpt2-small-byte.json"))
+    parser.add_argument("--block_size", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--warmup_steps", type=int, default=20, help="steps before the stopwatch starts")
+    parser.add_argument("--measured_steps", type=int, default=100)
+    parser.add_argument("--logging_steps", type=int, default=10)
+    parser.add_argument("--corpus_lines", type=int, default=20_000)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--max_steps", type=int, default=100_000, help="the schedule's length (never reached)")
+    parser.add_argument("--worker", choices=["plain", "trainer"], help=argparse.SUPPRESS)
+    parser.add_argument("--train_file", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        (plain_loop if args.worker == "plain" else trainer_loop)(args)
+        return 0
+
+    first = args.warmup_steps
+    last = first + args.measured_steps
+    assert first % args.logging_steps == 0 and last % args.logging_steps == 0, "steps must be multiples of --logging_steps"
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.config_name)).parameters())
+    rates = {name: [] for name in CONTENDERS}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        corpus = scratch / "corpus.txt"
+        write_corpus(corpus, args.corpus_lines)
+        env = {**os.environ, "HF_HOME": str(scratch / "hf_home"), "HF_HUB_OFFLINE": "1"}  # one tokenization cache for all runs
+        for run in range(args.repeats):
+            order = CONTENDERS[run % 3 :] + CONTENDERS[: run % 3]  # rotate, so no loop always runs first
+            for name in order:
+                arrived = step_times(run_until(commands(args, corpus, scratch, run)[name], env, until_step(last), cwd=REPO))
+                rates[name].append((last - first) / (arrived[last] - arrived[first]))
+
+    plain = statistics.median(rates["plain PyTorch loop"])
+    print(f"{Path(args.config_name).name}: {parameters:,} parameters, batch {args.batch_size} x {args.block_size} tokens, "
+          f"steps {first}-{last} timed, {args.repeats} runs each, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n")  # fmt: skip
+    print("| loop | steps/s (median) | each run | vs plain loop |")
+    print("|---|---|---|---|")
+    for name in CONTENDERS:
+        median = statistics.median(rates[name])
+        each = ", ".join(f"{rate:.2f}" for rate in rates[name])
+        print(f"| {name} | {median:.2f} | {each} | {median / plain:.3f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Benchmark: how long a checkpoint stalls training, against a direct write of the same tensors and the disk's speed.
+
+    .venv/bin/python bench/save_cost.py [--models 10M 100M] [--repeats 3] [--dir DIR]
+
+For each GPT-2-style model (random init, byte vocabulary; WIDTHxLAYERS also works, e.g. 64x2),
+after one AdamW step so the optimizer state exists, three writes alternate --repeats times:
+  - state.save_checkpoint with a real Accelerator(cpu=True): what train_loop.py waits for at a save
+    (accelerator.save_state, fsync of every file, SHA-256 manifest, atomic rename, fsync of the parent);
+  - direct: safetensors.torch.save_file(weights) + torch.save(optimizer.state_dict()) + os.fsync of both;
+  - dd if=/dev/zero of=FILE bs=1M count=<checkpoint MiB> conv=fsync: the disk's sequential write speed.
+SHA-256 is state._file_checksum over the checkpoint's files, timed separately right after the save
+(the files are in the page cache, as they are when the manifest hashes them). Prints medians.
+"""
+
+import argparse
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+MODELS = {"10M": (384, 6), "100M": (768, 14)}  # width x layers
+
+
+def build(accelerator, width: int, layers: int):
+    """A GPT-2-style model and AdamW (prepared), after one training step."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, get_scheduler
+
+    torch.manual_seed(0)
+    shape = dict(n_embd=width, n_layer=layers, n_head=max(1, width // 64), n_positions=512)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=384, bos_token_id=1, eos_token_id=1, pad_token_id=0, **shape))
+    model.loss_type = "ForCausalLM"  # as train_loop.py does (silences a warning)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=10)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    tokens = torch.randint(0, 384, (1, 32))
+    accelerator.backward(model(input_ids=tokens, labels=tokens).loss)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return model, optimizer
+
+
+def time_checkpoint(accelerator, model, directory: Path) -> tuple[float, float, int]:
+    """(seconds in state.save_checkpoint, seconds to SHA-256 its files, bytes written)."""
+    import state
+
+    progress = state.TrainingState(global_step=1, total_steps=10, steps_per_epoch=10, global_batch_size=1, per_device_train_batch_size=1)
+    began = time.perf_counter()
+    path = state.save_checkpoint(accelerator, model, directory, progress, [], [], {"benchmark": "save_cost"})
+    saving = time.perf_counter() - began
+    files = [file for file in path.iterdir() if file.name != state.MANIFEST_NAME]
+    began = time.perf_counter()
+    for file in files:
+        state._file_checksum(file)
+    return saving, time.perf_counter() - began, sum(file.stat().st_size for file in path.iterdir())
+
+
+def time_direct_write(model, optimizer, directory: Path) -> float:
+    import torch
+    from safetensors.torch import save_file
+
+    began = time.perf_counter()
+    weights, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:  # tied embeddings are stored once, as save_state does
+            seen.add(tensor.data_ptr())
+            weights[name] = tensor.contiguous()
+    save_file(weights, directory / "model.safetensors")
+    torch.save(optimizer.state_dict(), directory / "optimizer.bin")
+    for name in ("model.safetensors", "optimizer.bin"):
+        with open(directory / name, "rb") as handle:
+            os.fsync(handle.fileno())
+    return time.perf_counter() - began
+
+
+def time_dd(path: Path, mebibytes: int) -> float:
+    began = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mebibytes}", "conv=fsync"], check=True, capture_output=True)
+    return time.perf_counter() - began
+
+
+def measure(accelerator, width: int, layers: int, repeats: int, scratch: Path) -> dict:
+    model, optimizer = build(accelerator, width, layers)
+    times = {"save": [], "hash": [], "direct": [], "dd": []}
+    size = None
+    for run in range(repeats):
+        for kind in ("save", "direct", "dd")[run % 3 :] + ("save", "direct", "dd")[: run % 3]:  # the save comes first in run 0: dd needs its size
+            directory = scratch / f"{kind}-{run}"
+            directory.mkdir()
+            if kind == "save":
+                saving, hashing, size = time_checkpoint(accelerator, model, directory)
+                times["save"].append(saving)
+                times["hash"].append(hashing)
+            elif kind == "direct":
+                times["direct"].append(time_direct_write(model, optimizer, directory))
+            else:
+                times["dd"].append(time_dd(directory / "zeros", max(1, round(size / 2**20))))
+            shutil.rmtree(directory)
+    parameters = sum(p.numel() for p in model.parameters())
+    accelerator.free_memory(model, optimizer)  # the next model gets an empty accelerator
+    return {"parameters": parameters, "bytes": size, **{kind: statistics.median(values) for kind, values in times.items()}}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help="10M, 100M or WIDTHxLAYERS")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory under $TMPDIR)")
+    args = parser.parse_args(argv)
+    from accelerate import Accelerator
+
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # as train_loop.py: the tied-embeddings note at every save
+    accelerator = Accelerator(cpu=True)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
+        for name in args.models:
+            width, layers = MODELS.get(name) or map(int, name.split("x"))
+            result = measure(accelerator, width, layers, args.repeats, Path(scratch))
+            rows.append((name, result))
+    print(f"medians of {args.repeats} runs each, written to {Path(args.dir or tempfile.gettempdir()).resolve()}\n")
+    print("| model | parameters | checkpoint MB | save_checkpoint (s) | direct write (s) | save / direct "
+          "| dd same size (s) | dd MB/s | save / dd | SHA-256 (s) | SHA-256 share of save |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['parameters']:,} | {r['bytes'] / 1e6:.1f} | {r['save']:.3f} | {r['direct']:.3f} | "
+              f"{r['save'] / r['direct']:.2f}x | {r['dd']:.3f} | {r['bytes'] / 1e6 / r['dd']:.0f} | {r['save'] / r['dd']:.2f}x | "
+              f"{r['hash']:.3f} | {100 * r['hash'] / r['save']:.0f}% |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
