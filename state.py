@@ -289,7 +289,7 @@ def clean_leftovers(output_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- save
 
 
-def _directory_size(path: Path) -> int:
+def directory_size(path: Path) -> int:
     return sum(file.stat().st_size for file in Path(path).rglob("*") if file.is_file())
 
 
@@ -297,7 +297,7 @@ def _expected_checkpoint_bytes(output_dir: Path, model) -> int:
     """The size of the previous checkpoint, or parameters + two Adam moments if there is none."""
     previous = list_checkpoints(output_dir)
     if previous:
-        return _directory_size(previous[-1])
+        return directory_size(previous[-1])
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return 3 * parameter_bytes
 

@@ -33,7 +33,7 @@ def describe(output_dir: Path) -> dict:
         except state.CheckpointError as error:
             problem = str(error)
         try:
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            size = state.directory_size(path)
             modified = path.stat().st_mtime
         except FileNotFoundError:
             continue

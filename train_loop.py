@@ -260,7 +260,7 @@ class Deadline:
     stops early enough to finish its last save.
     """
 
-    def __init__(self, max_time_seconds: float | None, started_at: float):
+    def __init__(self, max_time_seconds: float | None, started_at: float, estimated_save_seconds: float):
         limits = []
         if max_time_seconds is not None:
             limits.append(started_at + max_time_seconds)
@@ -268,7 +268,7 @@ class Deadline:
         if slurm_end is not None:
             limits.append(slurm_end)
         self.at = min(limits) if limits else None
-        self.save_seconds = 5.0  # replaced by an estimate from the model's size, then by measurements
+        self.save_seconds = estimated_save_seconds  # replaced by the measured time of each save
         self.step_seconds = 0.0
 
     def reached(self, now: float) -> bool:
@@ -564,8 +564,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     say = accelerator.print
     world_size = accelerator.num_processes
     output_dir = Path(config.output_dir)
-    if accelerator.is_main_process:
-        say(f"⚙️  {accelerator.distributed_type.value.lower()}: {world_size} process(es), device {accelerator.device}, mixed precision {accelerator.mixed_precision}")
+    say(f"⚙️  {accelerator.distributed_type.value.lower()}: {world_size} process(es), device {accelerator.device}, mixed precision {accelerator.mixed_precision}")
 
     # ---- data and model: every bad input is found here, before anything is written
     tokenizer = build_tokenizer(config)
@@ -657,10 +656,10 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     own_sum = sums[accelerator.process_index] if len(sums) == world_size else (sum(sums) / len(sums) if sums else 0.0)
     unlogged_loss = torch.tensor(own_sum, dtype=torch.float32, device=accelerator.device)
 
-    deadline = Deadline(parse_duration(config.max_time) if config.max_time else None, started_at)
     # Until the first save is measured: weights + two Adam moments written at ~100 MB/s, plus fsyncs.
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    deadline.save_seconds = 1.0 + 3 * parameter_bytes / 100e6
+    max_time_seconds = parse_duration(config.max_time) if config.max_time else None
+    deadline = Deadline(max_time_seconds, started_at, estimated_save_seconds=1.0 + 3 * parameter_bytes / 100e6)
     if deadline.at is not None:
         say(f"⏰ Will stop with a checkpoint before {deadline.describe()}")
 
