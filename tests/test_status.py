@@ -1,6 +1,7 @@
 """`./launch.sh status`, the loss picture and TensorBoard logs, on real runs."""
 
 import json
+import signal
 import subprocess
 
 from PIL import Image
@@ -25,6 +26,7 @@ def test_status_of_an_empty_a_running_an_interrupted_a_damaged_and_a_finished_ru
     flags = tiny_flags(corpus, **FLAGS, max_steps=400)
     run = Training(session_env, output_dir, flags)
     run.wait_for(r"step 120/400")
+    run.signal_group(signal.SIGSTOP)  # frozen, it still holds the lock, and cannot finish while status runs
     report = status(output_dir, "--json")
     assert report["situation"] == "running" and report["active_run"].startswith(f"pid {run.process.pid} on ")
     assert report["total_steps"] == 400 and 120 <= report["global_step"] < 400 and report["steps_per_second"] > 0
