@@ -66,6 +66,26 @@ def test_each_kind_of_damage_is_named(tmp_path, damage, reason):
         state.verify_checkpoint(path)
 
 
+def test_manifest_checksums_are_xxh3_of_the_bytes_and_sha256_manifests_still_verify(tmp_path):
+    import hashlib
+
+    import xxhash
+
+    path = make_checkpoint(tmp_path, 100)
+    entry = json.loads((path / "manifest.json").read_text())["files"]["optimizer.bin"]
+    assert entry == {"size": 450, "xxh3_128": xxhash.xxh3_128(b"optimizer" * 50).hexdigest()}
+
+    # A checkpoint saved before the switch (its manifest lists SHA-256) is verified with SHA-256.
+    manifest = json.loads((path / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        manifest["files"][name] = {"size": entry["size"], "sha256": hashlib.sha256((path / name).read_bytes()).hexdigest()}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    state.verify_checkpoint(path)
+    (path / "optimizer.bin").write_bytes(b"Optimizer" * 50)  # same size, other bytes
+    with pytest.raises(state.CheckpointError, match="optimizer.bin: checksum mismatch"):
+        state.verify_checkpoint(path)
+
+
 def test_no_valid_checkpoint_is_an_error_and_nothing_is_moved(tmp_path):
     make_checkpoint(tmp_path, 100, complete=False)
     make_checkpoint(tmp_path, 200, complete=False)
