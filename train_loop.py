@@ -253,6 +253,62 @@ class StopRequests:
         self.reason = self.reason or reason
 
 
+class StopAgreement:
+    """Makes every rank stop at the same optimizer step when any rank is asked to stop.
+
+    `accelerator.check_trigger()` would do it with a blocking all-reduce and `.item()` at every
+    step: on GPUs a host-device sync per step, which keeps the CPU from queueing the next step's
+    kernels. Here the flags travel on a CPU (gloo) group instead: each rank contributes its flag
+    at one step boundary and reads the sum at the next, so the all-reduce runs while the step
+    computes. A request is acted on one step later; every rank reads the same sum at the same
+    step, so all stop together. One process needs no collective at all.
+    """
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.group = None
+        self.pending = None
+        if world_size > 1:
+            import torch.distributed as dist
+
+            # On CPU the default group is gloo already; on GPUs (NCCL) a gloo group keeps the flags off the device.
+            self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+    def _all_reduce(self, asked: bool, wait: bool):
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if asked else 0], dtype=torch.int32)
+        work = dist.all_reduce(flag, group=self.group, async_op=True)
+        if wait:
+            work.wait()
+            return flag.item() > 0
+        return work, flag
+
+    def now(self, asked: bool) -> bool:
+        """Decide at once (blocking); for moments outside the step loop."""
+        return asked if self.world_size == 1 else self._all_reduce(asked, wait=True)
+
+    def at_step_boundary(self, asked: bool) -> bool:
+        """True on every rank at the same call if any rank was asked at this call or the one before."""
+        if self.world_size == 1:
+            return asked
+        agreed = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()  # long finished: it was started a whole step ago
+            agreed = flag.item() > 0
+        # Every rank reads the same sum here, so either all start another round or none does.
+        self.pending = None if agreed else self._all_reduce(asked, wait=False)
+        return agreed
+
+    def settle(self) -> None:
+        """Wait for the round in flight, before other collectives run or the group is torn down."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
+
+
 class Deadline:
     """The wall-clock time by which this process must have saved and exited, if any.
 
@@ -686,13 +742,15 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         # so the curve continues from here without going back in steps.
         accelerator.init_trackers("runs", init_kwargs={"tensorboard": {"purge_step": progress.global_step + 1}})
 
-    def stop_requested() -> bool:
+    agreement = StopAgreement(world_size)
+
+    def stop_requested(at_step_boundary: bool = True) -> bool:
         """A collective: True on every rank if any rank was signalled or the deadline is near."""
         if deadline.reached(time.time()):
             stop.request("deadline")
-        if stop.reason:
-            accelerator.set_trigger()
-        return accelerator.check_trigger()
+        if at_step_boundary:
+            return agreement.at_step_boundary(stop.reason is not None)
+        return agreement.now(stop.reason is not None)
 
     def stop_early() -> int:
         progress_bar.close()
@@ -709,7 +767,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     # ---- the loop
     model.train()  # from_pretrained returns a model in eval mode: dropout would be off
     progress_bar = ProgressLine(accelerator, progress)
-    if stop_requested():  # signalled while loading
+    if stop_requested(at_step_boundary=False):  # signalled while loading
         return stop_early()
     step_began = time.monotonic()
     while progress.global_step < total_steps:
@@ -753,6 +811,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
                 return stop_early()
             if progress.global_step % config.save_steps == 0 or progress.global_step == total_steps:
                 save("every --save_steps" if progress.global_step < total_steps else "final step")
+    agreement.settle()
     progress_bar.close()
 
     # ---- the end: the final model, loadable with from_pretrained
