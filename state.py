@@ -7,7 +7,7 @@ checkpoint path itself:
     save_checkpoint(...)                  atomic, durable, all ranks take part
     load_checkpoint(...)                  model, optimizer, scheduler, RNG, progress
     rotate_checkpoints(...)               keep the newest K, only after a save
-    write_live_state(...)                 OUTPUT_DIR/trainer_state.json, for people
+    LiveState                             OUTPUT_DIR/trainer_state.json, for people
     OutputDirLock                         one run per output directory
 
 Layout of an output directory:
@@ -169,6 +169,33 @@ def write_live_state(output_dir: Path, state: TrainingState, log_history: list, 
     """
     record = _trainer_state_record(state, log_history, run_history, updated_at=round(time.time(), 1), **extra)
     write_json_atomic(Path(output_dir) / TRAINER_STATE_NAME, record, durable=False)
+
+
+class LiveState:
+    """OUTPUT_DIR/trainer_state.json during a run; routine rewrites cost at most ~2 % of its time.
+
+    The file holds the whole log_history, so a rewrite grows with the run: about 1 ms at 100
+    entries, 50 ms at 10,000 (a long run logging every 10 steps). A routine write is skipped
+    until 50 times the last write's duration has passed since it; every other write (at a
+    save, a stop, the end) happens at once.
+    """
+
+    MAX_SHARE = 0.02
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = Path(output_dir)
+        self.last_written_at = float("-inf")
+        self.last_duration = 0.0
+
+    def write(self, state: TrainingState, log_history: list, run_history: list, **extra) -> None:
+        began = time.monotonic()
+        write_live_state(self.output_dir, state, log_history, run_history, **extra)
+        self.last_written_at = time.monotonic()
+        self.last_duration = self.last_written_at - began
+
+    def write_if_due(self, state: TrainingState, log_history: list, run_history: list, **extra) -> None:
+        if time.monotonic() - self.last_written_at >= self.last_duration / self.MAX_SHARE:
+            self.write(state, log_history, run_history, **extra)
 
 
 def read_live_state(output_dir: Path) -> dict | None:

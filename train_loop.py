@@ -719,6 +719,8 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     if deadline.at is not None:
         say(f"⏰ Will stop with a checkpoint before {deadline.describe()}")
 
+    live_state = state.LiveState(output_dir)  # written by the main process only
+
     def save(reason: str) -> None:
         nonlocal last_saved_step
         if last_saved_step == progress.global_step:
@@ -733,10 +735,10 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
             deleted = state.rotate_checkpoints(output_dir, config.save_total_limit, protect=best)
             gone = f", removed {', '.join(p.name for p in deleted)}" if deleted else ""
             say(f"💾 Saved {path.name} ({reason}, {deadline.save_seconds:.1f}s{gone})")
-            state.write_live_state(output_dir, progress, log_history, run_history)
+            live_state.write(progress, log_history, run_history, steps_per_second=progress_bar.steps_per_second())
 
     if accelerator.is_main_process:
-        state.write_live_state(output_dir, progress, log_history, run_history)
+        live_state.write(progress, log_history, run_history)
     if config.report_to == "tensorboard":
         # Points an interrupted run logged after this checkpoint are hidden (purged) by TensorBoard,
         # so the curve continues from here without going back in steps.
@@ -759,7 +761,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         if progress.global_step > 0:
             save(reason)  # nothing to save before the first step
         if accelerator.is_main_process:
-            state.write_live_state(output_dir, progress, log_history, run_history, stop_reason=reason)
+            live_state.write(progress, log_history, run_history, stop_reason=reason)
         say("▶️  To continue, run the same command again.")
         accelerator.end_training()  # last: it also tears down the process group
         return EXIT_STOPPED_EARLY
@@ -794,7 +796,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
                     "train/samples_per_second": progress_bar.steps_per_second() * global_batch,
                 }, step=progress.global_step)  # fmt: skip
                 if accelerator.is_main_process:
-                    state.write_live_state(output_dir, progress, log_history, run_history, steps_per_second=progress_bar.steps_per_second())
+                    live_state.write_if_due(progress, log_history, run_history, steps_per_second=progress_bar.steps_per_second())
             progress_bar.advance()
 
             if eval_dataloader is not None and (progress.global_step % eval_steps == 0 or progress.global_step == total_steps):
@@ -824,7 +826,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     full_state_dict = accelerator.get_state_dict(model)  # a collective under FSDP / ZeRO-3: every rank
     if accelerator.is_main_process:
         state.save_final_model(accelerator.unwrap_model(model), tokenizer, output_dir, full_state_dict)
-        state.write_live_state(output_dir, progress, log_history, run_history, stop_reason="complete", training_complete=True)
+        live_state.write(progress, log_history, run_history, stop_reason="complete", training_complete=True)
         say(f"🏁 Training complete: {total_steps} steps. Final model in {output_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also tears down the process group

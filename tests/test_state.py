@@ -129,3 +129,24 @@ def test_lock_is_exclusive_and_released_with_its_holder(tmp_path):
     first.release()
     assert state.OutputDirLock.holder(tmp_path) is None
     state.OutputDirLock(tmp_path).acquire()
+
+
+def test_routine_live_state_rewrites_are_skipped_until_50_times_their_duration_has_passed(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(state.time, "monotonic", lambda: clock[0])
+    written = []
+
+    def slow_write(output_dir, progress, log_history, run_history, **extra):
+        written.append(progress.global_step)
+        clock[0] += 0.010  # each rewrite takes 10 ms
+
+    monkeypatch.setattr(state, "write_live_state", slow_write)
+    live = state.LiveState(tmp_path)
+    progress = state.TrainingState(global_step=0, total_steps=100, steps_per_epoch=10, global_batch_size=8)
+    for step in range(1, 11):  # a logging step every 100 ms: a routine rewrite is due every 500 ms
+        progress.global_step = step
+        clock[0] += 0.100
+        live.write_if_due(progress, [], [])
+    assert written == [1, 6]
+    live.write(progress, [], [])  # a save, a stop or the end: at once
+    assert written == [1, 6, 10]

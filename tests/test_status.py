@@ -29,7 +29,8 @@ def test_status_of_an_empty_a_running_an_interrupted_a_damaged_and_a_finished_ru
     run.signal_group(signal.SIGSTOP)  # frozen, it still holds the lock, and cannot finish while status runs
     report = status(output_dir, "--json")
     assert report["situation"] == "running" and report["active_run"].startswith(f"pid {run.process.pid} on ")
-    assert report["total_steps"] == 400 and 120 <= report["global_step"] < 400 and report["steps_per_second"] > 0
+    # The live state is at least as new as the newest save (routine rewrites may be skipped to save time).
+    assert report["total_steps"] == 400 and 100 <= report["global_step"] < 400 and report["steps_per_second"] > 0
     assert report["checkpoints"] and all(c["step"] % 50 == 0 and c["valid"] for c in report["checkpoints"])
     run.signal_group()
     run.finish()
