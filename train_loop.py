@@ -598,8 +598,33 @@ def plan_batches(config: TrainingConfig, world_size: int, checkpoint_state: Trai
 # --------------------------------------------------------------------------- the run
 
 
+def keep_freed_memory_for_reuse() -> None:
+    """Ask glibc's malloc to reuse freed memory rather than hand it back to the kernel at every step.
+
+    On CPU, activations and gradients are allocated and freed at every step. By default glibc
+    returns large freed blocks to the kernel (munmap, heap trimming) at thresholds that depend on
+    what the process happened to free earlier, and the next step page-faults them back in:
+    measured 13,000 faults per step with the built-in model against 6,000 for a plain loop,
+    whose earlier history happened to differ, and ~0 with these limits (BENCHMARKS.md). The cost
+    is that the process keeps its peak memory. GPU memory is untouched (PyTorch caches it).
+    A user's own MALLOC_* environment settings win.
+    """
+    if not sys.platform.startswith("linux") or any(name.startswith("MALLOC_") for name in os.environ):
+        return
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks up to 32 MiB (glibc's maximum) come from the reusable heap
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)  # and up to 1 GiB of free heap is kept for the next step
+
+
 def main(config: TrainingConfig, stop: StopRequests) -> int:
     started_at = time.time()
+    keep_freed_memory_for_reuse()
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed

@@ -2,12 +2,14 @@
 
     .venv/bin/python bench/loop_overhead.py [--repeats 5] [--config_name configs/gpt2-small-byte.json]
 
-The three loops train the same model config (random init, same seed) on the same data blocks, with
-the same batch size, AdamW, linear schedule and gradient clipping, and no checkpoints. Each runs as
-its own process and prints 'step N/T' every --logging_steps steps; the rate is taken between two such
+The loops train the same model config (random init, same seed) on the same data blocks, with the
+same batch size, AdamW, linear schedule and gradient clipping, and no checkpoints. Each runs as its
+own process and prints 'step N/T' every --logging_steps steps; the rate is taken between two such
 lines as they arrive (after --warmup_steps), so start-up, data preparation and train_loop.py's final
 save are not counted. train_loop.py is the real program (--save_steps beyond the measured steps).
-The three alternate, in a rotating order, --repeats times; the table shows the medians.
+The plain loop runs twice: as is, and after the same malloc settings train_loop.py makes at start
+(train_loop.keep_freed_memory_for_reuse), which separates the loop's own cost from the allocator's.
+The four alternate, in a rotating order, --repeats times; ratios are taken within each round.
 """
 
 import argparse
@@ -22,7 +24,8 @@ from timeline import run_until, step_times, until_step
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-CONTENDERS = ("plain PyTorch loop", "train_loop.py", "transformers.Trainer")
+PLAIN, PLAIN_MALLOC, TRAIN_LOOP, TRAINER = "plain PyTorch loop", "plain loop, train_loop's malloc limits", "train_loop.py", "transformers.Trainer"
+CONTENDERS = (PLAIN, PLAIN_MALLOC, TRAIN_LOOP, TRAINER)
 
 
 def training_blocks(args):
@@ -49,6 +52,10 @@ def fresh_model(args):
 
 
 def plain_loop(args) -> None:
+    if args.worker == "plain-malloc":
+        import train_loop
+
+        train_loop.keep_freed_memory_for_reuse()  # what train_loop.py does first: isolates the loop's own cost
     import torch
     from transformers import get_scheduler
 
@@ -107,13 +114,19 @@ def commands(args, corpus: Path, scratch: Path, run: int) -> dict:
               "--learning_rate", str(args.learning_rate), "--max_steps", str(args.max_steps), "--logging_steps", str(args.logging_steps)]  # fmt: skip
     worker = [sys.executable, __file__, "--train_file", str(corpus), "--batch_size", str(args.batch_size), *shared]
     return {
-        "plain PyTorch loop": [*worker, "--worker", "plain", "--scratch", str(scratch / f"plain-{run}")],
-        "train_loop.py": [
+        PLAIN: [*worker, "--worker", "plain", "--scratch", str(scratch / f"plain-{run}")],
+        PLAIN_MALLOC: [*worker, "--worker", "plain-malloc", "--scratch", str(scratch / f"plain-malloc-{run}")],
+        TRAIN_LOOP: [
             sys.executable, str(REPO / "train_loop.py"), "--train_file", str(corpus), "--output_dir", str(scratch / f"train_loop-{run}"),
             "--per_device_train_batch_size", str(args.batch_size), "--save_steps", str(args.max_steps + 1), *shared,
         ],  # fmt: skip
-        "transformers.Trainer": [*worker, "--worker", "trainer", "--scratch", str(scratch / f"trainer-{run}")],
+        TRAINER: [*worker, "--worker", "trainer", "--scratch", str(scratch / f"trainer-{run}")],
     }
+
+
+def paired_ratios(rates: list, base: list) -> str:
+    ratios = [rate / base_rate for rate, base_rate in zip(rates, base)]
+    return f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f})"
 
 
 def main(argv=None) -> int:
@@ -129,12 +142,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--learning_rate", type=float, default=5e-4)
     parser.add_argument("--max_steps", type=int, default=100_000, help="the schedule's length (never reached)")
-    parser.add_argument("--worker", choices=["plain", "trainer"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["plain", "plain-malloc", "trainer"], help=argparse.SUPPRESS)
     parser.add_argument("--train_file", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        (plain_loop if args.worker == "plain" else trainer_loop)(args)
+        (trainer_loop if args.worker == "trainer" else plain_loop)(args)
         return 0
 
     first = args.warmup_steps
@@ -150,20 +163,21 @@ def main(argv=None) -> int:
         write_corpus(corpus, args.corpus_lines)
         env = {**os.environ, "HF_HOME": str(scratch / "hf_home"), "HF_HUB_OFFLINE": "1"}  # one tokenization cache for all runs
         for run in range(args.repeats):
-            order = CONTENDERS[run % 3 :] + CONTENDERS[: run % 3]  # rotate, so no loop always runs first
+            order = CONTENDERS[run % len(CONTENDERS) :] + CONTENDERS[: run % len(CONTENDERS)]  # rotate: no loop always runs first
             for name in order:
                 arrived = step_times(run_until(commands(args, corpus, scratch, run)[name], env, until_step(last), cwd=REPO))
                 rates[name].append((last - first) / (arrived[last] - arrived[first]))
 
-    plain = statistics.median(rates["plain PyTorch loop"])
     print(f"{Path(args.config_name).name}: {parameters:,} parameters, batch {args.batch_size} x {args.block_size} tokens, "
           f"steps {first}-{last} timed, {args.repeats} runs each, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n")  # fmt: skip
-    print("| loop | steps/s (median) | each run | vs plain loop |")
-    print("|---|---|---|---|")
+    print("Ratios are taken within each round (the four loops back to back), so slow drift of the machine cancels;")
+    print("the table gives their median and range over the rounds.\n")
+    print("| loop | steps/s (median) | each run | vs plain loop | vs plain loop with the same malloc limits |")
+    print("|---|---|---|---|---|")
     for name in CONTENDERS:
-        median = statistics.median(rates[name])
         each = ", ".join(f"{rate:.2f}" for rate in rates[name])
-        print(f"| {name} | {median:.2f} | {each} | {median / plain:.3f}x |")
+        ratios = [paired_ratios(rates[name], rates[base]) for base in (PLAIN, PLAIN_MALLOC)]
+        print(f"| {name} | {statistics.median(rates[name]):.2f} | {each} | {ratios[0]} | {ratios[1]} |")
     return 0
 
 
