@@ -759,7 +759,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
             best = (output_dir / progress.best_model_checkpoint,) if progress.best_model_checkpoint else ()
             deleted = state.rotate_checkpoints(output_dir, config.save_total_limit, protect=best)
             gone = f", removed {', '.join(p.name for p in deleted)}" if deleted else ""
-            say(f"💾 Saved {path.name} ({reason}, {deadline.save_seconds:.1f}s{gone})")
+            say(f"💾 Saved {path.name} ({reason}, {deadline.save_seconds:.2f}s{gone})")
             live_state.write(progress, log_history, run_history, steps_per_second=progress_bar.steps_per_second())
 
     if accelerator.is_main_process:

@@ -4,7 +4,7 @@
 
 Runs train_loop.py (your model and data flags, or the built-in default) for --probe_steps steps with a
 checkpoint every --probe_save_steps, in a temporary output directory. The save time is read from its
-'💾 Saved checkpoint-N (..., X.Xs)' lines (0.1 s resolution; the mean of the saves), the step time is
+'💾 Saved checkpoint-N (..., X.XXs)' lines (0.01 s resolution; the mean of the saves), the step time is
 the median time per step between progress lines that have no save between them. For each
 --save_steps it prints the time between saves, the save overhead (save time / time of the steps
 between two saves) and the training an interruption loses on average (half an interval).
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     save_seconds = statistics.mean(saves)
     flags = " ".join(train_flags) or "(built-in default model and data)"
     print(f"train_loop.py {flags}: {step_seconds:.3f} s per step, {save_seconds:.2f} s per save "
-          f"(saves: {', '.join(f'{s:.1f}' for s in saves)} s)\n")  # fmt: skip
+          f"(saves: {', '.join(f'{s:.2f}' for s in saves)} s)\n")  # fmt: skip
     print("| --save_steps | time between saves | save overhead | training lost by an interruption (average) |")
     print("|---|---|---|---|")
     for interval in args.intervals:
