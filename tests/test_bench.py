@@ -33,6 +33,14 @@ def test_loop_overhead_benchmark_times_all_four_loops(session_env):
     assert rows[0][3] == "1.000x (1.000-1.000)" and rows[1][4] == "1.000x (1.000-1.000)"
 
 
+def test_side_by_side_benchmark_pairs_train_loop_with_each_other_loop(session_env):
+    rows = run_bench(session_env, "loop_side_by_side.py", "--config_name", TINY_MODEL, "--block_size", 32, "--repeats", 1,
+                     "--warmup_steps", 10, "--measured_steps", 200, "--logging_steps", 10, "--corpus_lines", 1000,
+                     "--min_overlap_seconds", 0.5)  # fmt: skip
+    assert [row[0] for row in rows] == ["plain PyTorch loop", "plain loop, train_loop's malloc limits", "transformers.Trainer"]
+    assert all(0.2 < number(row[2]) < 5 and number(row[3]) > 0 and number(row[4]) > 0 for row in rows)
+
+
 def test_save_cost_benchmark_writes_a_checkpoint_of_weights_and_two_adam_moments(session_env):
     [row] = run_bench(session_env, "save_cost.py", "--models", "64x2", "--repeats", 1)
     parameters, megabytes = number(row[1]), number(row[2])
