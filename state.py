@@ -18,7 +18,7 @@ Layout of an output directory:
         trainer_state.json, training_args.json, manifest.json (written last: size + XXH3-128 of each)
       .tmp-checkpoint-<step>/       a save in progress; never resumed from
       checkpoint-<step>.corrupt/    a damaged checkpoint moved aside, never deleted
-      trainer_state.json            live progress, rewritten at every logging step
+      trainer_state.json            live progress, rewritten at logging steps (rate-limited) and saves
       .resumable.lock               held by the running process
 """
 
@@ -35,10 +35,12 @@ import re
 import shutil
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TEMPORARY_PREFIX = ".tmp-checkpoint-"
@@ -230,7 +232,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 # half-copied file), for which 128 bits of a well-mixed hash are plenty; it is no defence
 # against someone rewriting the files, since the manifest lies beside them either way.
 CHECKSUM_ALGORITHM = "xxh3_128"
-_CHECKSUM_CONSTRUCTORS = {"xxh3_128": lambda: __import__("xxhash").xxh3_128(), "sha256": hashlib.sha256}  # sha256: manifests written before
+_CHECKSUM_CONSTRUCTORS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}  # sha256: manifests written before
 _READ_CHUNK = 8 << 20
 
 
@@ -242,16 +244,6 @@ def _file_checksum(path: Path, algorithm: str = CHECKSUM_ALGORITHM) -> str:
         while count := handle.readinto(buffer):
             digest.update(view[:count])  # both hashes release the GIL on large chunks
     return digest.hexdigest()
-
-
-def _run_in_parallel(calls: list) -> list:
-    """Run zero-argument callables on threads (file I/O and hashing release the GIL); their results in order."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if len(calls) <= 1:
-        return [call() for call in calls]
-    with ThreadPoolExecutor(max_workers=min(len(calls), 8)) as pool:
-        return [future.result() for future in [pool.submit(call) for call in calls]]
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -273,7 +265,7 @@ def _verify_files(path: Path) -> None:
         raise CheckpointError(f"{MANIFEST_NAME} is unreadable ({error})") from None
     if manifest.get("global_step") != checkpoint_step(path):
         raise CheckpointError(f"{MANIFEST_NAME} is for step {manifest.get('global_step')}, not {checkpoint_step(path)}")
-    to_hash = []
+    to_hash = []  # (name, algorithm, expected digest)
     for name, expected in files.items():
         file_path = path / name
         if not file_path.is_file():
@@ -284,10 +276,11 @@ def _verify_files(path: Path) -> None:
         algorithm = next((known for known in _CHECKSUM_CONSTRUCTORS if known in expected), None)
         if algorithm is None:
             raise CheckpointError(f"{MANIFEST_NAME} is unreadable (no known checksum for {name})")
-        to_hash.append((name, file_path, algorithm, expected[algorithm]))
-    # Cheap checks first (above); then every file hashed at once, on as many threads as files.
-    digests = _run_in_parallel([lambda f=file_path, a=algorithm: _file_checksum(f, a) for _, file_path, algorithm, _ in to_hash])
-    for (name, _, _, wanted), digest in zip(to_hash, digests):
+        to_hash.append((name, algorithm, expected[algorithm]))
+    # Cheap checks first (above); then all files hashed at once (reads and hashing release the GIL).
+    with ThreadPoolExecutor() as pool:
+        digests = list(pool.map(lambda entry: _file_checksum(path / entry[0], entry[1]), to_hash))
+    for (name, _, wanted), digest in zip(to_hash, digests):
         if digest != wanted:
             raise CheckpointError(f"{name}: checksum mismatch")
     try:
@@ -465,8 +458,10 @@ def write_manifest(directory: Path, global_step: int) -> None:
     same time on threads, so the hashing costs little beyond the wait for the disk.
     """
     paths = [path for path in sorted(Path(directory).rglob("*")) if path.is_file() and path.name != MANIFEST_NAME]
-    results = _run_in_parallel([lambda p=path: _fsync_path(p) for path in paths] + [lambda p=path: _file_checksum(p) for path in paths])
-    digests = results[len(paths) :]
+    with ThreadPoolExecutor() as pool:
+        fsyncs = pool.map(_fsync_path, paths)  # all submitted now; run beside the hashing
+        digests = list(pool.map(_file_checksum, paths))
+        list(fsyncs)  # re-raises a failed fsync
     files = {
         str(path.relative_to(directory)): {"size": path.stat().st_size, CHECKSUM_ALGORITHM: digest}
         for path, digest in zip(paths, digests)

@@ -1,6 +1,6 @@
 """Where training stands, without touching the run: ./launch.sh status [--output_dir DIR] [--json] [--plot]
 
-Reads OUTPUT_DIR/trainer_state.json (rewritten at every logging step), the lock and the
+Reads OUTPUT_DIR/trainer_state.json (rewritten at logging steps and saves), the lock and the
 checkpoints. Never writes anything, except OUTPUT_DIR/loss.png with --plot.
 """
 
