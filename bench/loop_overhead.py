@@ -129,19 +129,24 @@ def paired_ratios(rates: list, base: list) -> str:
     return f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f})"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each loop (alternating)")
+def add_loop_arguments(parser, logging_steps: int) -> None:
+    """The flags every loop benchmark shares: model, data, batch and what is timed."""
     parser.add_argument("--config_name", default=str(REPO / "configs" / "gpt2-small-byte.json"))
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--warmup_steps", type=int, default=20, help="steps before the stopwatch starts")
     parser.add_argument("--measured_steps", type=int, default=100)
-    parser.add_argument("--logging_steps", type=int, default=10)
+    parser.add_argument("--logging_steps", type=int, default=logging_steps)
     parser.add_argument("--corpus_lines", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--learning_rate", type=float, default=5e-4)
     parser.add_argument("--max_steps", type=int, default=100_000, help="the schedule's length (never reached)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each loop (alternating)")
+    add_loop_arguments(parser, logging_steps=10)
     parser.add_argument("--worker", choices=["plain", "plain-malloc", "trainer"], help=argparse.SUPPRESS)
     parser.add_argument("--train_file", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from loop_overhead import PLAIN, PLAIN_MALLOC, TRAIN_LOOP, TRAINER, commands
+from loop_overhead import PLAIN, PLAIN_MALLOC, TRAIN_LOOP, TRAINER, add_loop_arguments, commands
 from restart_preprocessing import write_corpus
 from timeline import run_until, step_times, until_step
 
@@ -65,16 +65,7 @@ def side_by_side(commands_by_core: list[list[str]], env: dict, first: int, last:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=4, help="rounds; each runs train_loop.py beside every other loop")
-    parser.add_argument("--config_name", default=str(REPO / "configs" / "gpt2-small-byte.json"))
-    parser.add_argument("--block_size", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--warmup_steps", type=int, default=20, help="steps before the stopwatch starts")
-    parser.add_argument("--measured_steps", type=int, default=100)
-    parser.add_argument("--logging_steps", type=int, default=5)
-    parser.add_argument("--corpus_lines", type=int, default=20_000)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--learning_rate", type=float, default=5e-4)
-    parser.add_argument("--max_steps", type=int, default=100_000, help="the schedule's length (never reached)")
+    add_loop_arguments(parser, logging_steps=5)
     parser.add_argument("--min_overlap_seconds", type=float, default=10.0, help="refuse shorter common training times")
     args = parser.parse_args(argv)
     if (os.cpu_count() or 1) < 2:
