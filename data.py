@@ -160,3 +160,18 @@ def prepare_datasets(config, tokenizer, accelerator) -> tuple:
     if config.max_train_samples is not None:
         train = train.select(range(min(config.max_train_samples, len(train))))
     return train, validation, names
+
+
+def make_dataloaders(config, train_data, eval_data, tokenizer, per_device_batch: int) -> tuple:
+    """(training loader, evaluation loader or None). The training order is shuffled from --seed and the epoch."""
+    import torch
+
+    collate = Collator(config.task, tokenizer.pad_token_id)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_data, batch_size=per_device_batch, shuffle=True, drop_last=True,
+        collate_fn=collate, num_workers=config.dataloader_num_workers,
+    )  # fmt: skip
+    eval_dataloader = None
+    if eval_data is not None:
+        eval_dataloader = torch.utils.data.DataLoader(eval_data, batch_size=config.per_device_eval_batch_size, collate_fn=collate)
+    return train_dataloader, eval_dataloader

@@ -573,9 +573,11 @@ def archive_checkpoints(output_dir: Path, newer_than: int | None = None) -> tupl
     return archive, sorted(path.name for path in moving)
 
 
-def save_final_model(model, tokenizer, output_dir: Path, state_dict) -> None:
-    """Write the final model and tokenizer into OUTPUT_DIR with save_pretrained (main process).
+def save_final_model(model, tokenizer, output_dir: Path, state_dict, extra_files: dict | None = None) -> None:
+    """Write the final model and tokenizer into OUTPUT_DIR (main process).
 
+    A transformers model is written with save_pretrained; any other torch.nn.Module as
+    model.safetensors, with `extra_files` (name -> text) beside it so it can be built again.
     Written into a temporary directory first and moved file by file, weights last but one
     and config.json last, so `from_pretrained(OUTPUT_DIR)` never sees new weights with no
     config or a half-written file.
@@ -583,7 +585,15 @@ def save_final_model(model, tokenizer, output_dir: Path, state_dict) -> None:
     output_dir = Path(output_dir)
     temporary = output_dir / ".tmp-final-model"
     shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary, state_dict=state_dict, safe_serialization=True)
+    temporary.mkdir()
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(temporary, state_dict=state_dict, safe_serialization=True)
+    else:
+        from safetensors.torch import save_model
+
+        save_model(model, str(temporary / "model.safetensors"))
+    for name, text in (extra_files or {}).items():
+        (temporary / name).write_text(text)
     tokenizer.save_pretrained(temporary)
     files = sorted(temporary.iterdir(), key=lambda path: (path.name == "config.json", path.suffix == ".safetensors"))
     for path in files:

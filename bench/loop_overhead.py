@@ -32,12 +32,13 @@ def training_blocks(args):
     """The data blocks train_loop.py trains on (data.prepare_datasets, cached), and the tokenizer."""
     from accelerate import PartialState
 
-    import train_loop
+    from config import parse_config
     from data import prepare_datasets
+    from model import build_tokenizer
 
     flags = ["--config_name", args.config_name, "--train_file", args.train_file, "--block_size", str(args.block_size), "--output_dir", args.scratch]  # fmt: skip
-    config = train_loop.parse_config(flags)
-    tokenizer = train_loop.build_tokenizer(config)
+    config = parse_config(flags)
+    tokenizer = build_tokenizer(config)
     train, _, _ = prepare_datasets(config, tokenizer, PartialState())
     return train, tokenizer
 

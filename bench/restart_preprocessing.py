@@ -23,10 +23,11 @@ import sys, time, json
 sys.path.insert(0, {repo!r})
 started = time.perf_counter()
 from accelerate import PartialState
-import train_loop
+from config import parse_config
 from data import prepare_datasets
-config = train_loop.parse_config({flags!r})
-tokenizer = train_loop.build_tokenizer(config)
+from model import build_tokenizer
+config = parse_config({flags!r})
+tokenizer = build_tokenizer(config)
 imported = time.perf_counter()
 train, validation, names = prepare_datasets(config, tokenizer, PartialState())
 done = time.perf_counter()

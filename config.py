@@ -1,0 +1,231 @@
+"""The command line: every flag, its validation, and what a checkpoint compares.
+
+    TrainingConfig          one typed field per flag (names follow transformers' TrainingArguments)
+    parse_config(argv)      flags -> TrainingConfig; a bad flag raises UsageError (one line, exit 2)
+    TrainingConfig.validate every value checked once at start-up, the message names the flag
+    compare_with_checkpoint which changes since a checkpoint would change the result (refused)
+
+Exit codes shared by the whole program live here too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+from data import TASKS, data_builder_for
+
+EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED_EARLY, EXIT_ABORTED = 0, 1, 2, 75, 130
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL_CONFIG = REPO_DIR / "configs" / "gpt2-small-byte.json"
+
+
+class UsageError(Exception):
+    """Bad command line or input: one line for the user, exit 2, nothing written."""
+
+
+def flag(default, help, **extra):
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """Every command-line flag. Names follow transformers' TrainingArguments."""
+
+    output_dir: str = flag("./results", "where checkpoints, logs and the final model go")
+    # what to train
+    model_name_or_path: str = flag(None, "a pretrained model: a directory saved with save_pretrained, or a hub id")
+    config_name: str = flag(None, "model config file (.json) or directory, random init; default: the built-in small GPT-2")
+    model_module: str = flag(None, "your own model: a .py file defining build_model(vocab_size, block_size) -> torch.nn.Module (see examples/)")
+    tokenizer_name: str = flag(None, "tokenizer directory or hub id; default: the model's, else a byte-level one (no download)")
+    task: str = flag("causal-lm", "causal-lm or sequence-classification")
+    train_file: str = flag(None, "training data: .txt, .json/.jsonl, .csv or .parquet")
+    text_column: str = flag("text", "the column of --train_file or --dataset_name that holds the text")
+    label_column: str = flag("label", "sequence classification: the column with the labels (integers or strings)")
+    validation_file: str = flag(None, "evaluation data, same format as --train_file")
+    validation_split_percentage: int = flag(None, "hold out this percentage of the training data for evaluation")
+    dataset_name: str = flag(None, "a data set on the Hugging Face hub")
+    dataset_config_name: str = flag(None, "the configuration of --dataset_name")
+    max_train_samples: int = flag(None, "train on the first N samples (blocks) only")
+    block_size: int = flag(128, "tokens per training sample (the maximum length for classification)")
+    # how long
+    max_steps: int = flag(-1, "optimizer steps to train; overrides --num_train_epochs when > 0")
+    num_train_epochs: float = flag(3.0, "epochs to train when --max_steps is not set")
+    max_time: str = flag(None, "stop with a checkpoint before this much wall time: 5400, 90m, 1h30m or 01:30:00")
+    # optimization
+    per_device_train_batch_size: int = flag(8, "samples per process per micro-batch")
+    per_device_eval_batch_size: int = flag(8, "samples per process per evaluation batch")
+    gradient_accumulation_steps: int = flag(1, "micro-batches per optimizer step")
+    learning_rate: float = flag(5e-4, "peak learning rate of AdamW")
+    weight_decay: float = flag(0.0, "AdamW weight decay (not applied to biases and norms)")
+    warmup_steps: int = flag(0, "linear warm-up steps")
+    lr_scheduler_type: str = flag("linear", "linear, cosine, constant, constant_with_warmup, ...")
+    max_grad_norm: float = flag(1.0, "clip gradients to this norm (0 disables)")
+    seed: int = flag(42, "seed for initialization, data order and dropout")
+    dataloader_num_workers: int = flag(0, "data-loading worker processes per rank")
+    # checkpoints and logs
+    save_steps: int = flag(1000, "save a checkpoint every N optimizer steps")
+    save_total_limit: int = flag(3, "keep the newest N checkpoints")
+    logging_steps: int = flag(50, "log loss and learning rate every N steps")
+    eval_steps: int = flag(None, "evaluate every N steps when there is validation data (default: --save_steps)")
+    metric_for_best_model: str = flag(None, "keep the best checkpoint by this metric, e.g. eval_loss or eval_accuracy")
+    greater_is_better: str = flag(None, "true if a larger --metric_for_best_model is better (default: false for losses)")
+    load_best_model_at_end: bool = flag(False, "write the best checkpoint's model as the final model")
+    resume_from_checkpoint: str = flag("auto", "auto (newest valid in --output_dir), none (start fresh) or a path")
+    allow_config_change: bool = flag(False, "resume even if flags that change the result differ from the checkpoint")
+    report_to: str = flag("none", "none or tensorboard (logs under OUTPUT_DIR/runs)")
+    exit_code_file: str = flag(None, "write the exit code here (launch.sh: accelerate launch reports every failure as 1)")
+
+    def validate(self) -> None:
+        """Raise UsageError naming the flag for the first bad value."""
+        positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "block_size", "save_steps", "logging_steps", "eval_steps"]  # fmt: skip
+        for name in positive:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be a positive integer (got {getattr(self, name)})")
+        if self.learning_rate < 0:
+            raise UsageError(f"--learning_rate must not be negative (got {self.learning_rate})")
+        if self.weight_decay < 0:
+            raise UsageError(f"--weight_decay must not be negative (got {self.weight_decay})")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise UsageError("set --max_steps or --num_train_epochs to a positive number")
+        if self.save_total_limit < 1:
+            raise UsageError(f"--save_total_limit must be at least 1 (got {self.save_total_limit}); resuming needs a checkpoint")
+        if self.max_train_samples is not None and self.max_train_samples <= 0:
+            raise UsageError(f"--max_train_samples must be positive (got {self.max_train_samples})")
+        if self.dataloader_num_workers < 0:
+            raise UsageError(f"--dataloader_num_workers must not be negative (got {self.dataloader_num_workers})")
+        if self.max_time is not None:
+            parse_duration(self.max_time)
+        from transformers.trainer_utils import SchedulerType
+
+        schedules = [kind.value for kind in SchedulerType]
+        if self.lr_scheduler_type not in schedules:
+            raise UsageError(f"--lr_scheduler_type {self.lr_scheduler_type!r}: choose one of {', '.join(schedules)}")
+        if self.task not in TASKS:
+            raise UsageError(f"--task {self.task!r}: choose causal-lm or sequence-classification")
+        if sum(bool(source) for source in (self.model_name_or_path, self.config_name, self.model_module)) > 1:
+            raise UsageError("give one of --model_name_or_path (pretrained), --config_name (random init) or --model_module (your own), not several")
+        if self.model_module and not (Path(self.model_module).is_file() and self.model_module.endswith(".py")):
+            raise UsageError(f"--model_module {self.model_module}: no such .py file")
+        if self.model_module and self.task != "causal-lm":
+            raise UsageError("--model_module supports --task causal-lm (its forward returns the loss); use a transformers model for classification")
+        if self.model_name_or_path and self.model_name_or_path.startswith(("/", ".", "~")) and not Path(self.model_name_or_path).is_dir():
+            raise UsageError(f"--model_name_or_path {self.model_name_or_path}: no such directory")
+        if self.validation_file and not Path(self.validation_file).is_file():
+            raise UsageError(f"--validation_file {self.validation_file}: no such file")
+        if self.validation_file and self.validation_split_percentage:
+            raise UsageError("give either --validation_file or --validation_split_percentage, not both")
+        if self.validation_split_percentage is not None and not 0 < self.validation_split_percentage < 100:
+            raise UsageError(f"--validation_split_percentage must be between 1 and 99 (got {self.validation_split_percentage})")
+        if self.greater_is_better not in (None, "true", "false", "True", "False"):
+            raise UsageError(f"--greater_is_better takes true or false (got {self.greater_is_better!r})")
+        if self.load_best_model_at_end and not (self.validation_file or self.validation_split_percentage or self.dataset_name):
+            raise UsageError("--load_best_model_at_end needs evaluation data: add --validation_file or --validation_split_percentage")
+        produced = {"causal-lm": ("eval_loss", "eval_perplexity"), "sequence-classification": ("eval_loss", "eval_accuracy")}
+        if self.metric_for_best_model and self.metric_for_best_model not in produced.get(self.task, ()):
+            raise UsageError(f"--metric_for_best_model {self.metric_for_best_model!r}: --task {self.task} reports {', '.join(produced[self.task])}")
+        if self.report_to not in ("none", "tensorboard"):
+            raise UsageError(f"--report_to {self.report_to!r}: choose none or tensorboard")
+        if self.train_file and self.dataset_name:
+            raise UsageError("give either --train_file or --dataset_name, not both")
+        if self.train_file and not Path(self.train_file).is_file():
+            raise UsageError(f"--train_file {self.train_file}: no such file")
+        if self.train_file and data_builder_for(self.train_file) is None:
+            raise UsageError(f"--train_file {self.train_file}: use a .txt, .json, .jsonl, .csv or .parquet file")
+        if self.config_name and not Path(self.config_name).exists():
+            raise UsageError(f"--config_name {self.config_name}: no such file or directory")
+        output_dir = Path(self.output_dir)
+        if output_dir.exists() and not output_dir.is_dir():
+            raise UsageError(f"--output_dir {self.output_dir} is a file; give a directory")
+        existing = next((p for p in [output_dir, *output_dir.parents] if p.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"--output_dir {self.output_dir} is not writable ({existing} is read-only); choose another")
+        if self.resume_from_checkpoint not in ("auto", "none") and not Path(self.resume_from_checkpoint).is_dir():
+            raise UsageError(f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such checkpoint directory")
+
+    def result_defining_args(self) -> dict:
+        """The flags as recorded in a checkpoint: all but those that only steer this one start."""
+        transient = ("exit_code_file", "resume_from_checkpoint", "allow_config_change", "output_dir")
+        return {name: value for name, value in dataclasses.asdict(self).items() if name not in transient}
+
+    @property
+    def model_config_path(self) -> str:
+        return self.model_name_or_path or self.config_name or str(DEFAULT_MODEL_CONFIG)
+
+    @property
+    def best_metric_name(self) -> str | None:
+        return self.metric_for_best_model or ("eval_loss" if self.load_best_model_at_end else None)
+
+    @property
+    def best_is_greater(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better.lower() == "true"
+        return not self.best_metric_name.endswith("loss")
+
+
+# Flags whose change makes a resumed run differ from an uninterrupted one.
+RESULT_CHANGING_FLAGS = [
+    "seed", "per_device_train_batch_size", "global_batch_size", "block_size", "model_config", "model_name_or_path",
+    "task", "label_column", "tokenizer_name", "train_file", "dataset_name", "dataset_config_name", "text_column",
+    "max_train_samples", "data_fingerprint", "learning_rate", "weight_decay", "warmup_steps",
+    "lr_scheduler_type", "max_grad_norm", "num_train_epochs",
+]  # fmt: skip
+
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every other bad input
+        raise UsageError(message)
+
+
+def parse_config(argv) -> TrainingConfig:
+    parser = _ArgumentParser(prog="train_loop.py", description="resumable: a training loop that survives every interruption.")
+    for field in dataclasses.fields(TrainingConfig):
+        if field.type == "bool":
+            parser.add_argument(f"--{field.name}", action="store_true", help=field.metadata["help"])
+        else:
+            kind = {"int": int, "float": float}.get(field.type, str)
+            parser.add_argument(f"--{field.name}", type=kind, default=field.default, help=field.metadata["help"])
+    return TrainingConfig(**vars(parser.parse_args(argv)))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '5400', '90m', '1h30m', '2h', '45s' or '01:30:00'."""
+    text = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    if re.fullmatch(r"(\d+:)?\d+:\d+", text):
+        seconds = 0.0
+        for part in text.split(":"):
+            seconds = seconds * 60 + int(part)
+        return seconds
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text)
+    if text and match:
+        hours, minutes, seconds = (int(group or 0) for group in match.groups())
+        return hours * 3600 + minutes * 60 + seconds
+    raise UsageError(f"--max_time {text!r}: use seconds (5400), 90m, 1h30m or 01:30:00")
+
+
+
+def compare_with_checkpoint(now: dict, before: dict, allow_change: bool) -> list[str]:
+    """Notes on harmless changes; raises UsageError for result-changing ones (unless allowed)."""
+    changed = [name for name in RESULT_CHANGING_FLAGS if before.get(name) != now.get(name)]
+    notes = []
+    if changed and not allow_change:
+        width = max(len(name) for name in changed) + 2
+        rows = "\n".join(f"  --{name:<{width}}| {before.get(name)!s:<24}| {now.get(name)}" for name in changed)
+        raise UsageError(
+            "these flags differ from the checkpoint and would change the result:\n"
+            f"  {'flag':<{width + 2}}| {'in checkpoint':<24}| now\n{rows}\n"
+            "Run with the checkpoint's values, or add --allow_config_change to accept the change knowingly."
+        )
+    if changed:
+        notes.append(f"⚠️  --allow_config_change: {', '.join(changed)} differ from the checkpoint; the result will differ from an uninterrupted run")
+    harmless = [n for n in ("save_steps", "save_total_limit", "logging_steps", "max_time", "max_steps") if before.get(n) != now.get(n)]
+    if harmless:
+        notes.append("ℹ️  Changed since the checkpoint: " + ", ".join(f"--{n} {before.get(n)} → {now.get(n)}" for n in harmless))
+    return notes
+

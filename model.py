@@ -1,0 +1,135 @@
+"""What is trained: the tokenizer, the model and its optimizer.
+
+    build_tokenizer(config)              --tokenizer_name, the model's own, or a byte-level one
+    build_model(config, tokenizer, ...)  pretrained (--model_name_or_path), random init from a
+                                         config (--config_name, default: the built-in GPT-2), or
+                                         your own torch.nn.Module (--model_module)
+    build_optimizer(model, config)       AdamW, biases and norms not decayed
+    loss_of(outputs)                     the loss from what a model's forward returned
+
+Your own model (--model_module my_model.py): a Python file that defines
+
+    def build_model(vocab_size: int, block_size: int) -> torch.nn.Module
+
+whose forward takes the batch as keyword arguments (input_ids, labels) and returns the mean
+loss, as a tensor or as an object with a `.loss` (what transformers models return). Its
+checkpoints are the same files as any model's (model.safetensors, optimizer, ...); the final
+model is model.safetensors plus a copy of the file, and `load_own_model(OUTPUT_DIR)` builds it
+again. examples/tiny_transformer.py is one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+from config import TrainingConfig, UsageError
+
+OWN_MODEL_SOURCE = "model_module.py"  # the copy of --model_module beside the final weights
+OWN_MODEL_RECORD = "own_model.json"  # how to call its build_model again
+
+
+def build_tokenizer(config: TrainingConfig):
+    from transformers import AutoTokenizer, ByT5Tokenizer
+
+    source = config.tokenizer_name or config.model_name_or_path
+    if source is None:
+        return ByT5Tokenizer()  # bytes in, bytes out: needs no vocabulary file and no download
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        raise UsageError(f"cannot load a tokenizer from {source}: {str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2-style tokenizers have none; classification pads
+    return tokenizer
+
+
+def build_model(config: TrainingConfig, tokenizer, label_names: list | None):
+    """The model for --task: pretrained from --model_name_or_path, else random init from a config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    extra = {}
+    if config.task == "sequence-classification":
+        # The user's own label names travel with the model, so predictions come back in their words.
+        extra = {
+            "num_labels": len(label_names), "id2label": {i: str(name) for i, name in enumerate(label_names)},
+            "label2id": {str(name): i for i, name in enumerate(label_names)}, "pad_token_id": tokenizer.pad_token_id,
+        }  # fmt: skip
+    if config.model_module:
+        module = import_model_module(config.model_module)
+        return module.build_model(vocab_size=len(tokenizer), block_size=config.block_size)
+    model_class = AutoModelForCausalLM if config.task == "causal-lm" else AutoModelForSequenceClassification
+    try:
+        if config.model_name_or_path:
+            return model_class.from_pretrained(config.model_name_or_path, **extra)
+        model_config = AutoConfig.from_pretrained(config.model_config_path, **extra)
+    except OSError as error:
+        raise UsageError(f"cannot load a model from {config.model_config_path}: {str(error).splitlines()[0]}") from None
+    if getattr(model_config, "vocab_size", len(tokenizer)) < len(tokenizer):
+        raise UsageError(f"--config_name: vocab_size {model_config.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
+    model = model_class.from_config(model_config)
+    if config.task == "causal-lm" and getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"  # what transformers falls back to anyway, minus its warning at every start
+    return model
+
+
+
+def build_optimizer(model, config: TrainingConfig):
+    import torch
+
+    # Biases and normalization weights are not decayed (the usual AdamW practice).
+    decayed = [p for p in model.parameters() if p.ndim >= 2]
+    not_decayed = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decayed, "weight_decay": config.weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+
+def loss_of(outputs):
+    """A transformers model returns an object with `.loss`; your own model may return the loss itself."""
+    return outputs.loss if hasattr(outputs, "loss") else outputs
+
+
+def import_model_module(path: str):
+    """The --model_module file as a module; UsageError if it cannot be imported or has no build_model."""
+    spec = importlib.util.spec_from_file_location("resumable_model_module", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # a user's file: any error in it is a bad input, shown in one line
+        raise UsageError(f"--model_module {path}: importing it failed: {type(error).__name__}: {error}") from None
+    if not callable(getattr(module, "build_model", None)):
+        raise UsageError(f"--model_module {path}: define build_model(vocab_size, block_size) returning a torch.nn.Module")
+    return module
+
+
+def model_identity(config: TrainingConfig) -> str:
+    """What the checkpoint records of the model's definition, to refuse a resume with another one."""
+    if config.model_module:
+        return "model_module sha256 " + hashlib.sha256(Path(config.model_module).read_bytes()).hexdigest()
+    path = Path(config.model_config_path)
+    return path.read_text() if path.is_file() else config.model_config_path
+
+
+def own_model_files(config: TrainingConfig) -> dict[str, str]:
+    """Files written beside the final weights of a --model_module model, so it can be built again."""
+    if not config.model_module:
+        return {}
+    record = {"module": OWN_MODEL_SOURCE, "build_model": {"block_size": config.block_size}}
+    return {OWN_MODEL_SOURCE: Path(config.model_module).read_text(), OWN_MODEL_RECORD: json.dumps(record, indent=2) + "\n"}
+
+
+def load_own_model(output_dir: str | Path):
+    """The final model of a --model_module run, weights loaded (a torch.nn.Module, in eval mode)."""
+    from safetensors.torch import load_model
+    from transformers import AutoTokenizer
+
+    output_dir = Path(output_dir)
+    record = json.loads((output_dir / OWN_MODEL_RECORD).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    module = import_model_module(str(output_dir / record["module"]))
+    model = module.build_model(vocab_size=len(tokenizer), **record["build_model"])
+    load_model(model, str(output_dir / "model.safetensors"))
+    return model.eval()

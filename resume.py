@@ -1,0 +1,149 @@
+"""Where a run starts: the checkpoint to resume from, and how the batch is laid out on this world size.
+
+    decide_start(config, accelerator)   the main process takes the output directory's lock, tidies
+                                        up, and chooses the checkpoint; every rank gets the same answer
+    plan_batches(...)                   per-rank batch and accumulation that keep a checkpoint's
+                                        global batch on a different number of processes
+    restore(...)                        load the checkpoint into the prepared objects and progress
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import state
+from config import EXIT_DONE, EXIT_USAGE, TrainingConfig, UsageError
+from state import TrainingState
+
+
+@dataclasses.dataclass
+class StartDecision:
+    """What the main process decided before training; broadcast so every rank does the same."""
+
+    error: str | None = None
+    exit_code: int = EXIT_DONE
+    checkpoint: str | None = None
+    checkpoint_args: dict | None = None
+    checkpoint_state: TrainingState | None = None  # read by every rank after the broadcast
+    run_history: list = dataclasses.field(default_factory=list)
+    notes: list = dataclasses.field(default_factory=list)
+    lock: state.OutputDirLock | None = None  # the main process's, set after the broadcast
+
+
+def _decide_on_main_process(config: TrainingConfig, lock: state.OutputDirLock) -> StartDecision:
+    """Main process only: take the lock, tidy up, choose the checkpoint to resume from."""
+    output_dir = Path(config.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except state.OutputDirBusy as busy:
+        return StartDecision(error=f"{output_dir} is in use by another run ({busy}); wait for it or choose another --output_dir", exit_code=EXIT_USAGE)
+    except OSError as error:
+        return StartDecision(error=f"--output_dir {output_dir}: {error.strerror}", exit_code=EXIT_USAGE)
+    decision = StartDecision()
+    for leftover in state.clean_leftovers(output_dir):
+        decision.notes.append(f"🧹 Removed {leftover.name}, left by a save that was interrupted")
+    live = state.read_live_state(output_dir) or {}
+    decision.run_history = live.get("run_history", [])
+
+    if config.resume_from_checkpoint == "none":
+        archive, moved = state.archive_checkpoints(output_dir)
+        if archive:
+            decision.notes.append(f"📦 --resume_from_checkpoint none: moved {len(moved)} earlier checkpoint(s) to {archive.name}/")
+        decision.run_history = []
+        return decision
+    if config.resume_from_checkpoint == "auto":
+        try:
+            chosen = state.newest_valid_checkpoint(output_dir, warn=decision.notes.append)
+        except state.NoValidCheckpoint as none_valid:
+            return StartDecision(
+                error=f"no valid checkpoint in {output_dir} ({none_valid}); fix or move them, or pass --resume_from_checkpoint none to start fresh",
+                exit_code=EXIT_USAGE,
+            )
+    else:
+        chosen = Path(config.resume_from_checkpoint)
+        try:
+            state.verify_checkpoint(chosen)
+        except state.CheckpointError as damaged:
+            return StartDecision(error=f"--resume_from_checkpoint {chosen}: {damaged}", exit_code=EXIT_USAGE)
+    if chosen is not None:
+        archive, moved = state.archive_checkpoints(output_dir, newer_than=state.checkpoint_step(chosen))
+        if archive:
+            decision.notes.append(f"📦 Resuming from an older checkpoint: moved {', '.join(moved)} to {archive.name}/")
+        decision.checkpoint = str(chosen)
+        decision.checkpoint_args = state.read_training_args(chosen)
+    return decision
+
+
+def decide_start(config: TrainingConfig, accelerator) -> StartDecision:
+    """Decided once on the main process, which then holds the lock; the same decision on every rank."""
+    from accelerate.utils import broadcast_object_list
+
+    lock = state.OutputDirLock(Path(config.output_dir))
+    decision = [_decide_on_main_process(config, lock) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(decision)
+    decision = decision[0]
+    decision.lock = lock  # kept with the decision for the whole run; the kernel drops it when the process ends
+    if decision.checkpoint:
+        decision.checkpoint_state, _, _ = state.read_trainer_state(Path(decision.checkpoint) / state.TRAINER_STATE_NAME)
+    return decision
+
+
+@dataclasses.dataclass
+class BatchPlan:
+    per_device: int
+    accumulation: int
+    global_batch: int
+    note: str | None = None
+
+
+def plan_batches(config: TrainingConfig, world_size: int, checkpoint_state: TrainingState | None) -> BatchPlan:
+    """Per-rank batch, accumulation and global batch; keeps a checkpoint's global batch on a new world size."""
+    per_device = config.per_device_train_batch_size
+    accumulation = config.gradient_accumulation_steps
+    if checkpoint_state is None or checkpoint_state.world_size == world_size:
+        return BatchPlan(per_device, accumulation, per_device * accumulation * world_size)
+    global_batch = checkpoint_state.global_batch_size
+    per_device = checkpoint_state.per_device_train_batch_size
+    if global_batch % (per_device * world_size):
+        raise UsageError(
+            f"the checkpoint's global batch {global_batch} cannot be split over {world_size} processes of "
+            f"{per_device} samples; resume with a number of processes that divides {global_batch // per_device}, "
+            "or start over with --resume_from_checkpoint none"
+        )
+    accumulation = global_batch // (per_device * world_size)
+    note = (
+        f"🔀 world size {checkpoint_state.world_size} → {world_size}: gradient accumulation "
+        f"{checkpoint_state.gradient_accumulation_steps} → {accumulation}, global batch {global_batch} unchanged"
+    )
+    return BatchPlan(per_device, accumulation, global_batch, note)
+
+
+
+def restore(accelerator, checkpoint: str, progress: TrainingState) -> tuple[list, list]:
+    """Load model, optimizer, scheduler and RNG from `checkpoint` (every rank); put its progress into `progress`.
+
+    Returns the checkpoint's log_history. Only progress that does not depend on the world size is
+    taken over: the layout fields stay as planned for this run.
+    """
+    saved, log_history, _ = state.load_checkpoint(accelerator, checkpoint)
+    progress.global_step = saved.global_step
+    progress.unlogged_steps = saved.unlogged_steps
+    progress.unlogged_loss_sums = saved.unlogged_loss_sums
+    progress.best_metric, progress.best_model_checkpoint = saved.best_metric, saved.best_model_checkpoint
+    return log_history
+
+
+def record_start(accelerator, decision: StartDecision, output_dir: Path, global_step: int) -> list:
+    """The run history with this start appended (a start, or a resume and why the last run ended)."""
+    previous_stop = None
+    if decision.checkpoint and accelerator.is_main_process:
+        previous_stop = (state.read_live_state(output_dir) or {}).get("stop_reason")
+    return decision.run_history + [{
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": global_step, "world_size": accelerator.num_processes,
+        "event": "resume" if decision.checkpoint else "start",
+        "previous_stop": (previous_stop or "killed or crashed") if decision.checkpoint else None,
+    }]  # fmt: skip
