@@ -139,6 +139,13 @@ class Deadline:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.at))
 
 
+def process_start_time() -> float:
+    """When this process started (epoch seconds): --max_time counts from there, imports included."""
+    import psutil  # a dependency of accelerate
+
+    return psutil.Process().create_time()
+
+
 def slurm_job_end_time() -> float | None:
     """The SLURM job's end time (epoch seconds), when running inside a SLURM job with a time limit."""
     if os.environ.get("SLURM_JOB_END_TIME", "").isdigit():
