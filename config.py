@@ -76,12 +76,13 @@ class TrainingConfig:
     load_best_model_at_end: bool = flag(False, "write the best checkpoint's model as the final model")
     resume_from_checkpoint: str = flag("auto", "auto (newest valid in --output_dir), none (start fresh) or a path")
     allow_config_change: bool = flag(False, "resume even if flags that change the result differ from the checkpoint")
+    ddp_timeout: int = flag(1800, "seconds a process waits for the others in a collective before it gives up on a dead or hung machine")
     report_to: str = flag("none", "none or tensorboard (logs under OUTPUT_DIR/runs)")
     exit_code_file: str = flag(None, "write the exit code here (launch.sh: accelerate launch reports every failure as 1)")
 
     def validate(self) -> None:
         """Raise UsageError naming the flag for the first bad value."""
-        positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "block_size", "save_steps", "logging_steps", "eval_steps"]  # fmt: skip
+        positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "block_size", "save_steps", "logging_steps", "eval_steps", "ddp_timeout"]  # fmt: skip
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be a positive integer (got {getattr(self, name)})")
@@ -148,7 +149,7 @@ class TrainingConfig:
 
     def result_defining_args(self) -> dict:
         """The flags as recorded in a checkpoint: all but those that only steer this one start."""
-        transient = ("exit_code_file", "resume_from_checkpoint", "allow_config_change", "output_dir")
+        transient = ("exit_code_file", "resume_from_checkpoint", "allow_config_change", "output_dir", "ddp_timeout")
         return {name: value for name, value in dataclasses.asdict(self).items() if name not in transient}
 
     @property

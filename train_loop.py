@@ -21,7 +21,7 @@ by a second Ctrl+C (the previous checkpoint stays valid).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import datetime
 import itertools
 import logging
 import math
@@ -38,11 +38,10 @@ from evaluation import evaluate, is_better
 from model import build_model, build_optimizer, build_tokenizer, loss_of, model_identity, own_model_files
 from reporting import TrainingLog
 from state import TrainingState
-from stopping import Deadline, StopCheck, StopRequests
+from stopping import Deadline, StopCheck, StopRequests, process_start_time
 
 
 def main(config: TrainingConfig, stop: StopRequests) -> int:
-    started_at = time.time()
     keep_freed_memory_for_reuse()
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -107,7 +106,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     else:
         say("🆕 Starting new training")
     run_history = resume.record_start(accelerator, decision, output_dir, progress.global_step)
-    deadline = Deadline(parse_duration(config.max_time) if config.max_time else None, started_at, estimated_save_seconds(model))
+    deadline = Deadline(parse_duration(config.max_time) if config.max_time else None, process_start_time(), estimated_save_seconds(model))
     if deadline.at is not None:
         say(f"⏰ Will stop with a checkpoint before {deadline.describe()}")
     stopping = StopCheck(stop, world_size, deadline)
@@ -257,7 +256,7 @@ def stop_early(accelerator, stopping: StopCheck, saver: CheckpointSaver, log: Tr
 def build_accelerator(config: TrainingConfig):
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
     # Tied input/output embeddings are stored once in model.safetensors; accelerate warns
     # about it at every save although nothing is lost (load_state re-ties them).
@@ -268,6 +267,8 @@ def build_accelerator(config: TrainingConfig):
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the world size
         log_with="tensorboard" if config.report_to == "tensorboard" else None,
         project_dir=config.output_dir,
+        # A process waits this long in a collective for the others: a dead or hung machine ends the run then.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.ddp_timeout))],
     )
 
 
@@ -276,7 +277,10 @@ def describe_processes(accelerator) -> str:
     import torch
 
     count = accelerator.num_processes
+    machines = count // int(os.environ.get("LOCAL_WORLD_SIZE", count))  # torchrun sets it: the processes on this machine
     layout = "single process" if count == 1 else f"{accelerator.distributed_type.value.lower()}: {count} process(es)"
+    if machines > 1:
+        layout += f" on {machines} machines (this is machine {os.environ.get('GROUP_RANK', '?')})"
     threads = f", {torch.get_num_threads()} CPU thread(s) each" if accelerator.device.type == "cpu" else ""
     return f"⚙️  {layout}, device {accelerator.device}{threads}, mixed precision {accelerator.mixed_precision}"
 
@@ -312,7 +316,8 @@ def keep_freed_memory_for_reuse() -> None:
 
 
 def is_main_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0"  # set by accelerate launch / torchrun
+    """The first process on this machine: the one that reports for it (each machine's log and launch.sh)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"  # set by accelerate launch / torchrun
 
 
 def report(line: str) -> None:
@@ -343,9 +348,28 @@ def run_cli(argv=None) -> int:
     except (state.NotEnoughDiskSpace, state.SaveFailed) as error:
         report(f"error: {error}")
         code = EXIT_FAILED
+    except RuntimeError as error:
+        if not lost_another_process(error):
+            raise
+        timeout = f"{config.ddp_timeout} s" if config else "--ddp_timeout"
+        print(  # every surviving rank says it: the others' output may be on another machine
+            f"error: rank {os.environ.get('RANK', 0)} lost contact with another process of this run (it died, or hung for over "
+            f"--ddp_timeout {timeout}): {str(error).splitlines()[0][:200]}. Every complete checkpoint is kept; "
+            "run the same command again (on every machine) to resume.",
+            file=sys.stderr,
+        )
+        code = EXIT_FAILED
     finally:
         record_exit_code(config, code)
     return code
+
+
+def lost_another_process(error: RuntimeError) -> bool:
+    """A collective failed because a peer process (or its machine) died or stopped answering."""
+    import torch.distributed
+
+    markers = ("Connection reset by peer", "Connection closed by peer", "Timed out", "timed out", "timeout", "NCCL communicator", "Broken pipe")
+    return isinstance(error, torch.distributed.DistError) or any(marker in str(error) for marker in markers)
 
 
 def record_exit_code(config: TrainingConfig | None, code: int) -> None:
