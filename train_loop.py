@@ -29,8 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+import identity
 import state
-from data import TASKS, Collator, DataError, data_builder_for, prepare_datasets
+from data import TASKS, Collator, DataError, data_builder_for, input_identities, prepare_datasets
 from state import TrainingState
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED_EARLY, EXIT_ABORTED = 0, 1, 2, 75, 130
@@ -175,12 +176,17 @@ class TrainingConfig:
 
 
 # Flags whose change makes a resumed run differ from an uninterrupted one.
+# Files and directories are compared by content (data.input_identities), not by path.
 RESULT_CHANGING_FLAGS = [
-    "seed", "per_device_train_batch_size", "global_batch_size", "block_size", "model_config", "model_name_or_path",
-    "task", "label_column", "tokenizer_name", "train_file", "dataset_name", "dataset_config_name", "text_column",
+    "seed", "per_device_train_batch_size", "global_batch_size", "block_size", "model_config", "model_weights",
+    "task", "label_column", "tokenizer", "data_content", "dataset_name", "dataset_config_name", "text_column",
     "max_train_samples", "data_fingerprint", "learning_rate", "weight_decay", "warmup_steps",
     "lr_scheduler_type", "max_grad_norm", "num_train_epochs",
 ]  # fmt: skip
+# Where the inputs live: a change is a note, since their content is compared above.
+INPUT_PATH_FLAGS = ["train_file", "validation_file", "model_name_or_path", "config_name", "tokenizer_name"]
+# Checkpoints written before content identities recorded paths and a path-based data fingerprint.
+BY_PATH_BEFORE = {"model_weights": "model_name_or_path", "tokenizer": "tokenizer_name", "data_content": "train_file", "data_fingerprint": None}
 
 
 class _ArgumentParser(__import__("argparse").ArgumentParser):
@@ -555,18 +561,28 @@ def decide_start(config: TrainingConfig, lock: state.OutputDirLock) -> StartDeci
 
 def compare_with_checkpoint(now: dict, before: dict, allow_change: bool) -> list[str]:
     """Notes on harmless changes; raises UsageError for result-changing ones (unless allowed)."""
-    changed = [name for name in RESULT_CHANGING_FLAGS if before.get(name) != now.get(name)]
-    notes = []
+    compared, notes = RESULT_CHANGING_FLAGS, []
+    if "data_content" not in before:  # an older checkpoint: its inputs can only be compared by path
+        compared = [BY_PATH_BEFORE.get(name, name) for name in compared if BY_PATH_BEFORE.get(name, name)]
+        if not str(before.get("model_config", "")).lstrip().startswith("{"):  # it held a directory's path or a hub id
+            now = {**now, "model_config": now.get("model_name_or_path") or now.get("config_name")}
+        notes.append("ℹ️  The checkpoint predates content identities: data, tokenizer and model are compared by path this once")
+    changed = [name for name in compared if before.get(name) != now.get(name)]
     if changed and not allow_change:
         width = max(len(name) for name in changed) + 2
-        rows = "\n".join(f"  --{name:<{width}}| {before.get(name)!s:<24}| {now.get(name)}" for name in changed)
+        column = max(24, *(min(len(str(before.get(name))), 32) + 1 for name in changed))  # a content hash fits
+        rows = "\n".join(f"  --{name:<{width}}| {before.get(name)!s:<{column}}| {now.get(name)}" for name in changed)
         raise UsageError(
             "these flags differ from the checkpoint and would change the result:\n"
-            f"  {'flag':<{width + 2}}| {'in checkpoint':<24}| now\n{rows}\n"
+            f"  {'flag':<{width + 2}}| {'in checkpoint':<{column}}| now\n{rows}\n"
             "Run with the checkpoint's values, or add --allow_config_change to accept the change knowingly."
         )
     if changed:
         notes.append(f"⚠️  --allow_config_change: {', '.join(changed)} differ from the checkpoint; the result will differ from an uninterrupted run")
+    moved = [n for n in INPUT_PATH_FLAGS if n not in compared and before.get(n) != now.get(n)]
+    if moved:
+        same = "same content at another path" if not changed else "paths changed"
+        notes.append(f"ℹ️  Inputs moved since the checkpoint ({same}): " + ", ".join(f"--{n} {before.get(n)} → {now.get(n)}" for n in moved))
     harmless = [n for n in ("save_steps", "save_total_limit", "logging_steps", "max_time", "max_steps") if before.get(n) != now.get(n)]
     if harmless:
         notes.append("ℹ️  Changed since the checkpoint: " + ", ".join(f"--{n} {before.get(n)} → {now.get(n)}" for n in harmless))
@@ -696,7 +712,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
 
     run_args = {
         **dataclasses.asdict(config),
-        "model_config": Path(config.model_config_path).read_text() if Path(config.model_config_path).is_file() else config.model_config_path,
+        "model_config": identity.model_config_text(config.model_config_path), **input_identities(config, tokenizer),
         "world_size": world_size, "global_batch_size": global_batch, "gradient_accumulation_steps": accumulation,
         "data_fingerprint": train_data._fingerprint, "train_samples": len(train_data),
     }  # fmt: skip
@@ -711,6 +727,8 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     log_history, run_history = [], decision.run_history
     if decision.checkpoint:
         for note in compare_with_checkpoint(run_args, decision.checkpoint_args, config.allow_config_change):
+            say(note)
+        for note in state.software_changes(decision.checkpoint, accelerator.device.type):
             say(note)
         say(f"🔄 Found checkpoint: {Path(decision.checkpoint).name}")
         saved, log_history, _ = state.load_checkpoint(accelerator, decision.checkpoint)
