@@ -135,3 +135,17 @@ def test_content_hash_ignores_the_path_and_a_cached_hash_is_never_used_for_chang
     identity.content_hash([fresh], careful)
     careful.save()
     assert not (tmp_path / "careful.json").exists()
+
+
+def test_a_checkpoint_from_before_content_identities_compares_its_inputs_by_path():
+    import pytest
+
+    from train_loop import UsageError, compare_with_checkpoint
+
+    common = {"seed": 42, "model_config": "{}", "train_file": "/data/a.txt", "tokenizer_name": None, "model_name_or_path": None}
+    before = {**common, "data_fingerprint": "path-based"}  # what checkpoints recorded until now
+    now = {**common, "data_fingerprint": "content-based", "data_content": "c0ffee", "tokenizer": "t", "model_weights": None}
+    notes = compare_with_checkpoint(now, before, allow_change=False)
+    assert notes == ["ℹ️  The checkpoint predates content identities: data, tokenizer and model are compared by path this once"]
+    with pytest.raises(UsageError, match=r"--train_file +\| /data/a.txt +\| /data/b.txt"):
+        compare_with_checkpoint({**now, "train_file": "/data/b.txt"}, before, allow_change=False)
