@@ -72,7 +72,7 @@ class HashCache:
         before = os.stat(real)
         for entries in (self.this_process, self.entries):
             entry = entries.get(real)
-            if isinstance(entry, dict) and entry.get("key") == _file_key(before):
+            if isinstance(entry, dict) and entry.get("key") == _file_key(before) and isinstance(entry.get("xxh3_128"), str):
                 return entry["xxh3_128"]
         started_ns = time.time_ns()
         digest = _hash_file(Path(real))

@@ -149,3 +149,30 @@ def test_a_checkpoint_from_before_content_identities_compares_its_inputs_by_path
     assert notes == ["ℹ️  The checkpoint predates content identities: data, tokenizer and model are compared by path this once"]
     with pytest.raises(UsageError, match=r"--train_file +\| /data/a.txt +\| /data/b.txt"):
         compare_with_checkpoint({**now, "train_file": "/data/b.txt"}, before, allow_change=False)
+
+
+def test_a_model_directory_and_its_tokenizer_are_identified_by_content_not_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(identity, "_process_cache", identity.HashCache(tmp_path / "cache.json"))  # not the user's HF_HOME
+
+    class Tokenizer:  # what tokenizer_identity reads of a transformers tokenizer
+        vocab_files_names = {"vocab_file": "vocab.json", "merges_file": "merges.txt"}
+
+        def __len__(self):
+            return 50257
+
+    first = tmp_path / "first"
+    first.mkdir()
+    for name, content in [("config.json", b"{}"), ("model.safetensors", b"weights" * 100), ("vocab.json", b"{}"),
+                          ("merges.txt", b"a b"), ("tokenizer_config.json", b"{}"), ("README.md", b"ignored")]:  # fmt: skip
+        (first / name).write_bytes(content)
+    second = tmp_path / "elsewhere" / "second"
+    shutil.copytree(first, second)
+    (second / "README.md").write_bytes(b"other words")  # not part of the model
+    assert identity.model_identity(str(first)) == identity.model_identity(str(second))
+    assert identity.tokenizer_identity(Tokenizer(), str(first)) == identity.tokenizer_identity(Tokenizer(), str(second))
+
+    (second / "model.safetensors").write_bytes(b"weightz" * 100)
+    (second / "merges.txt").write_bytes(b"a c")
+    assert identity.model_identity(str(first)) != identity.model_identity(str(second))
+    assert identity.tokenizer_identity(Tokenizer(), str(first)) != identity.tokenizer_identity(Tokenizer(), str(second))
+    assert identity.model_identity("gpt2") == "hub:gpt2" and identity.model_identity(None) is None
