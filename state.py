@@ -575,23 +575,24 @@ def load_checkpoint(accelerator, path: Path) -> tuple[TrainingState, list, list]
     """Restore model, optimizer, scheduler and every RNG from `path` on this rank.
 
     Returns (state, log_history, run_history) as they were when the checkpoint was saved.
-    Raises CheckpointError naming the file if anything cannot be read safely.
+    Raises CheckpointError naming the file if anything cannot be read safely; if anything fails
+    to load and the checkpoint was written with other software, the error names both versions.
     """
     path = Path(path)
     state, log_history, run_history = read_trainer_state(path / TRAINER_STATE_NAME)
     same_world = state.world_size == accelerator.num_processes
     rng_rank = accelerator.process_index if same_world else 0
-    # Read our RNG file first and strictly, so a refused file stops us before anything changes.
-    rng = _load_rng_file(path / RNG_FILE_PATTERN.format(rank=rng_rank))
     try:
+        # Read our RNG file first and strictly, so a refused file stops us before anything changes.
+        rng = _load_rng_file(path / RNG_FILE_PATTERN.format(rank=rng_rank))
         accelerator.load_state(str(path))
     except Exception as error:  # re-raised, never swallowed: only the message gains the versions
         differences = _software_differences(path, accelerator.device.type)
         if not differences:
             raise
         versions = ", ".join(f"{name} {then} (now {now})" for name, then, now in differences)
-        first_line = (str(error).splitlines() or [""])[0]
-        raise CheckpointError(f"{path.name} could not be loaded ({type(error).__name__}: {first_line}); it was written with {versions}") from error
+        reason = str(error) if isinstance(error, CheckpointError) else f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        raise CheckpointError(f"{path.name} could not be loaded ({reason}); it was written with {versions}") from error
     restore_rng_state(rng)
     return state, log_history, run_history
 
