@@ -180,13 +180,16 @@ class TrainingConfig:
 RESULT_CHANGING_FLAGS = [
     "seed", "per_device_train_batch_size", "global_batch_size", "block_size", "model_config", "model_weights",
     "task", "label_column", "tokenizer", "data_content", "dataset_name", "dataset_config_name", "text_column",
-    "max_train_samples", "data_fingerprint", "learning_rate", "weight_decay", "warmup_steps",
+    "max_train_samples", "data_fingerprint", "validation_content", "learning_rate", "weight_decay", "warmup_steps",
     "lr_scheduler_type", "max_grad_norm", "num_train_epochs",
 ]  # fmt: skip
 # Where the inputs live: a change is a note, since their content is compared above.
 INPUT_PATH_FLAGS = ["train_file", "validation_file", "model_name_or_path", "config_name", "tokenizer_name"]
 # Checkpoints written before content identities recorded paths and a path-based data fingerprint.
-BY_PATH_BEFORE = {"model_weights": "model_name_or_path", "tokenizer": "tokenizer_name", "data_content": "train_file", "data_fingerprint": None}
+BY_PATH_BEFORE = {
+    "model_weights": "model_name_or_path", "tokenizer": "tokenizer_name", "data_content": "train_file",
+    "data_fingerprint": None, "validation_content": None,
+}  # fmt: skip
 
 
 class _ArgumentParser(__import__("argparse").ArgumentParser):
@@ -581,7 +584,7 @@ def compare_with_checkpoint(now: dict, before: dict, allow_change: bool) -> list
         notes.append(f"⚠️  --allow_config_change: {', '.join(changed)} differ from the checkpoint; the result will differ from an uninterrupted run")
     moved = [n for n in INPUT_PATH_FLAGS if n not in compared and before.get(n) != now.get(n)]
     if moved:
-        same = "same content at another path" if not changed else "paths changed"
+        same = "same content at another path" if not changed and "data_content" in before else "paths changed"
         notes.append(f"ℹ️  Inputs moved since the checkpoint ({same}): " + ", ".join(f"--{n} {before.get(n)} → {now.get(n)}" for n in moved))
     harmless = [n for n in ("save_steps", "save_total_limit", "logging_steps", "max_time", "max_steps") if before.get(n) != now.get(n)]
     if harmless:

@@ -176,3 +176,21 @@ def test_a_model_directory_and_its_tokenizer_are_identified_by_content_not_path(
     assert identity.model_identity(str(first)) != identity.model_identity(str(second))
     assert identity.tokenizer_identity(Tokenizer(), str(first)) != identity.tokenizer_identity(Tokenizer(), str(second))
     assert identity.model_identity("gpt2") == "hub:gpt2" and identity.model_identity(None) is None
+
+
+def test_moved_inputs_are_a_note_and_changed_evaluation_data_is_refused():
+    import pytest
+
+    from train_loop import UsageError, compare_with_checkpoint
+
+    before = {"seed": 42, "data_content": "c0ffee", "validation_content": "beef", "train_file": "/a/t.txt",
+              "validation_file": "/a/v.txt", "model_name_or_path": "/a/model", "model_weights": "w", "tokenizer": "t"}  # fmt: skip
+    moved = {**before, "train_file": "/b/t.txt", "validation_file": "/b/v.txt", "model_name_or_path": "/b/model"}
+    assert compare_with_checkpoint(moved, before, allow_change=False) == [
+        "ℹ️  Inputs moved since the checkpoint (same content at another path): --train_file /a/t.txt → /b/t.txt, "
+        "--validation_file /a/v.txt → /b/v.txt, --model_name_or_path /a/model → /b/model"
+    ]
+    with pytest.raises(UsageError, match=r"--validation_content +\| beef +\| f00d"):
+        compare_with_checkpoint({**moved, "validation_content": "f00d"}, before, allow_change=False)
+    with pytest.raises(UsageError, match=r"--model_weights +\| w +\| other"):
+        compare_with_checkpoint({**moved, "model_weights": "other"}, before, allow_change=False)
