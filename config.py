@@ -168,13 +168,20 @@ class TrainingConfig:
 
 
 # Flags whose change makes a resumed run differ from an uninterrupted one.
+# Files and directories are compared by content (data.input_identities), not by path.
 RESULT_CHANGING_FLAGS = [
-    "seed", "per_device_train_batch_size", "global_batch_size", "block_size", "model_config", "model_name_or_path",
-    "task", "label_column", "tokenizer_name", "train_file", "dataset_name", "dataset_config_name", "text_column",
-    "max_train_samples", "data_fingerprint", "learning_rate", "weight_decay", "warmup_steps",
+    "seed", "per_device_train_batch_size", "global_batch_size", "block_size", "model_config", "model_weights",
+    "task", "label_column", "tokenizer", "data_content", "dataset_name", "dataset_config_name", "text_column",
+    "max_train_samples", "data_fingerprint", "validation_content", "learning_rate", "weight_decay", "warmup_steps",
     "lr_scheduler_type", "max_grad_norm", "num_train_epochs",
 ]  # fmt: skip
-
+# Where the inputs live: a change is a note, since their content is compared above.
+INPUT_PATH_FLAGS = ["train_file", "validation_file", "model_name_or_path", "config_name", "tokenizer_name", "model_module"]
+# Checkpoints written before content identities recorded paths and a path-based data fingerprint.
+BY_PATH_BEFORE = {
+    "model_weights": "model_name_or_path", "tokenizer": "tokenizer_name", "data_content": "train_file",
+    "data_fingerprint": None, "validation_content": None,
+}  # fmt: skip
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -213,20 +220,29 @@ def parse_duration(text: str) -> float:
 
 def compare_with_checkpoint(now: dict, before: dict, allow_change: bool) -> list[str]:
     """Notes on harmless changes; raises UsageError for result-changing ones (unless allowed)."""
-    changed = [name for name in RESULT_CHANGING_FLAGS if before.get(name) != now.get(name)]
-    notes = []
+    compared, notes = RESULT_CHANGING_FLAGS, []
+    if "data_content" not in before:  # an older checkpoint: its inputs can only be compared by path
+        compared = [BY_PATH_BEFORE.get(name, name) for name in compared if BY_PATH_BEFORE.get(name, name)]
+        if not str(before.get("model_config", "")).lstrip().startswith("{"):  # it held a directory's path or a hub id
+            now = {**now, "model_config": now.get("model_name_or_path") or now.get("config_name")}
+        notes.append("ℹ️  The checkpoint predates content identities: data, tokenizer and model are compared by path this once")
+    changed = [name for name in compared if before.get(name) != now.get(name)]
     if changed and not allow_change:
         width = max(len(name) for name in changed) + 2
-        rows = "\n".join(f"  --{name:<{width}}| {before.get(name)!s:<24}| {now.get(name)}" for name in changed)
+        column = max(24, *(min(len(str(before.get(name))), 32) + 1 for name in changed))  # a content hash fits
+        rows = "\n".join(f"  --{name:<{width}}| {before.get(name)!s:<{column}}| {now.get(name)}" for name in changed)
         raise UsageError(
             "these flags differ from the checkpoint and would change the result:\n"
-            f"  {'flag':<{width + 2}}| {'in checkpoint':<24}| now\n{rows}\n"
+            f"  {'flag':<{width + 2}}| {'in checkpoint':<{column}}| now\n{rows}\n"
             "Run with the checkpoint's values, or add --allow_config_change to accept the change knowingly."
         )
     if changed:
         notes.append(f"⚠️  --allow_config_change: {', '.join(changed)} differ from the checkpoint; the result will differ from an uninterrupted run")
+    moved = [n for n in INPUT_PATH_FLAGS if n not in compared and before.get(n) != now.get(n)]
+    if moved:
+        same = "same content at another path" if not changed and "data_content" in before else "paths changed"
+        notes.append(f"ℹ️  Inputs moved since the checkpoint ({same}): " + ", ".join(f"--{n} {before.get(n)} → {now.get(n)}" for n in moved))
     harmless = [n for n in ("save_steps", "save_total_limit", "logging_steps", "max_time", "max_steps") if before.get(n) != now.get(n)]
     if harmless:
         notes.append("ℹ️  Changed since the checkpoint: " + ", ".join(f"--{n} {before.get(n)} → {now.get(n)}" for n in harmless))
     return notes
-

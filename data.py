@@ -6,7 +6,8 @@ Two tasks:
 
 Preprocessing runs through `datasets.map` with cache keys we name ourselves, so a restart
 reads the cache instead of tokenizing again, and the keys double as the data's identity
-that a resume compares with the checkpoint's.
+that a resume compares with the checkpoint's. The keys start from the content of the local
+files (identity.py), not from their path: the same bytes elsewhere are the same data.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import hashlib
 import itertools
 import sysconfig
 from pathlib import Path
+
+import identity
 
 TASKS = ("causal-lm", "sequence-classification")
 
@@ -37,6 +40,35 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
+def training_files(config) -> list[str] | None:
+    """The local files the training data is read from, in order; None for a hub data set."""
+    if config.dataset_name:
+        return None
+    return [config.train_file] if config.train_file else builtin_corpus_files()
+
+
+def input_identities(config, tokenizer) -> dict:
+    """What the run reads, by content (recorded in each checkpoint, compared on resume)."""
+    files = training_files(config)
+    return {
+        "data_content": identity.content_hash(files) if files else None,
+        "validation_content": identity.content_hash([config.validation_file]) if config.validation_file else None,
+        "tokenizer": identity.tokenizer_identity(tokenizer, config.tokenizer_name or config.model_name_or_path),
+        "model_weights": identity.model_identity(config.model_name_or_path),
+    }
+
+
+def with_content_fingerprint(raw, files: list[str]):
+    """`raw` with a fingerprint of its files' bytes instead of datasets' own (path and mtime).
+
+    Every fingerprint derived from it (our cache keys, a seeded split, a selection) is then
+    a function of the content, so the same data at another path is recognized as such.
+    """
+    import datasets
+
+    return datasets.Dataset(raw.data, info=raw.info, split=raw.split, fingerprint=fingerprint("files", identity.content_hash(files)))
+
+
 def load_splits(config) -> tuple:
     """(train, validation or None) as raw `datasets.Dataset`s with the user's columns."""
     import datasets
@@ -51,9 +83,12 @@ def load_splits(config) -> tuple:
     else:
         files = builtin_corpus_files()
         train = datasets.load_dataset("text", data_files={"train": files}, sample_by="document", split="train")
+    if not config.dataset_name:
+        train = with_content_fingerprint(train, training_files(config))
     if config.validation_file:
         builder = data_builder_for(config.validation_file)
         validation = datasets.load_dataset(builder, data_files={"validation": config.validation_file}, split="validation")
+        validation = with_content_fingerprint(validation, [config.validation_file])
     elif config.validation_split_percentage:
         # A fixed split: the same rows are held out on every start (seeded, cached by `datasets`).
         parts = train.train_test_split(test_size=config.validation_split_percentage / 100, seed=config.seed)
@@ -72,7 +107,7 @@ def load_splits(config) -> tuple:
 
 
 def tokenizer_identity(tokenizer, config) -> str:
-    return f"{type(tokenizer).__name__}:{config.model_name_or_path}:{config.tokenizer_name}:{len(tokenizer)}"
+    return identity.tokenizer_identity(tokenizer, config.tokenizer_name or config.model_name_or_path)
 
 
 def causal_lm_blocks(raw, tokenizer, config, accelerator):

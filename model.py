@@ -25,6 +25,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import identity
 from config import TrainingConfig, UsageError
 
 OWN_MODEL_SOURCE = "model_module.py"  # the copy of --model_module beside the final weights
@@ -109,8 +110,7 @@ def model_identity(config: TrainingConfig) -> str:
     """What the checkpoint records of the model's definition, to refuse a resume with another one."""
     if config.model_module:
         return "model_module sha256 " + hashlib.sha256(Path(config.model_module).read_bytes()).hexdigest()
-    path = Path(config.model_config_path)
-    return path.read_text() if path.is_file() else config.model_config_path
+    return identity.model_config_text(config.model_config_path)  # a file's or a directory's config.json text
 
 
 def own_model_files(config: TrainingConfig) -> dict[str, str]:

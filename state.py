@@ -7,6 +7,7 @@ checkpoint path itself:
     save_checkpoint(...)                  atomic, durable, all ranks take part
     load_checkpoint(...)                  model, optimizer, scheduler, RNG, progress
     rotate_checkpoints(...)               keep the newest K, only after a save
+    software_changes(...)                 which versions differ from the checkpoint's (one line each)
     LiveState                             OUTPUT_DIR/trainer_state.json, for people
     OutputDirLock                         one run per output directory
 
@@ -15,7 +16,8 @@ Layout of an output directory:
     OUTPUT_DIR/
       checkpoint-<global_step>/     complete checkpoints (manifest.json present)
         model.safetensors, optimizer.bin, scheduler.bin, random_states_<rank>.pkl
-        trainer_state.json, training_args.json, manifest.json (written last: size + XXH3-128 of each)
+        trainer_state.json, training_args.json, software.json (versions and devices that wrote it),
+        manifest.json (written last: size + XXH3-128 of each)
       .tmp-checkpoint-<step>/       a save in progress; never resumed from
       checkpoint-<step>.corrupt/    a damaged checkpoint moved aside, never deleted
       trainer_state.json            live progress, rewritten at logging steps (rate-limited) and saves
@@ -48,6 +50,7 @@ CORRUPT_SUFFIX = ".corrupt"
 MANIFEST_NAME = "manifest.json"
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.json"
+SOFTWARE_NAME = "software.json"
 LOCK_NAME = ".resumable.lock"
 RNG_FILE_PATTERN = "random_states_{rank}.pkl"  # the name accelerate's save_state uses
 
@@ -430,6 +433,7 @@ def save_checkpoint(
 
     if accelerator.is_main_process:
         try:
+            write_json_atomic(temporary / SOFTWARE_NAME, software_record(accelerator.device.type))
             _finish_checkpoint(temporary, final, state, log_history, run_history, training_args)
         except (OSError, RuntimeError) as caught:
             error = caught
@@ -487,6 +491,43 @@ def rotate_checkpoints(output_dir: Path, keep: int, protect: tuple = ()) -> list
     return deleted
 
 
+# --------------------------------------------------------------------------- which software wrote it
+
+_PACKAGES = ("torch", "transformers", "accelerate", "datasets", "safetensors")
+
+
+def software_record(device_type: str) -> dict:
+    """The versions and devices of this process: what software.json records in each checkpoint."""
+    import importlib.metadata
+    import platform
+
+    record = {"python": platform.python_version()}
+    record.update({name: importlib.metadata.version(name) for name in _PACKAGES})
+    record["device_type"] = device_type
+    record["device_count"] = torch.cuda.device_count() if device_type == "cuda" else os.cpu_count()
+    return record
+
+
+def _software_differences(path: Path, device_type: str) -> list[tuple[str, object, object]]:
+    """(name, in the checkpoint, now) for each difference; none for a checkpoint without software.json."""
+    try:
+        recorded = json.loads((Path(path) / SOFTWARE_NAME).read_text())
+    except FileNotFoundError:
+        return []  # written before checkpoints recorded their software
+    now = software_record(device_type)
+    differences = [(name, recorded.get(name), now[name]) for name in ("python", *_PACKAGES) if recorded.get(name) != now[name]]
+    devices_then = f"{recorded.get('device_type')} × {recorded.get('device_count')}"
+    devices_now = f"{now['device_type']} × {now['device_count']}"
+    if devices_then != devices_now:
+        differences.append(("devices", devices_then, devices_now))
+    return differences
+
+
+def software_changes(path: Path, device_type: str) -> list[str]:
+    """One line per version (or device) that differs from the checkpoint's: the run goes on, perhaps not bit for bit."""
+    return [f"ℹ️  {name} {then} → {now}: results may differ in the last bits" for name, then, now in _software_differences(path, device_type)]
+
+
 # --------------------------------------------------------------------------- load
 
 
@@ -534,15 +575,24 @@ def load_checkpoint(accelerator, path: Path) -> tuple[TrainingState, list, list]
     """Restore model, optimizer, scheduler and every RNG from `path` on this rank.
 
     Returns (state, log_history, run_history) as they were when the checkpoint was saved.
-    Raises CheckpointError naming the file if anything cannot be read safely.
+    Raises CheckpointError naming the file if anything cannot be read safely; if anything fails
+    to load and the checkpoint was written with other software, the error names both versions.
     """
     path = Path(path)
     state, log_history, run_history = read_trainer_state(path / TRAINER_STATE_NAME)
     same_world = state.world_size == accelerator.num_processes
     rng_rank = accelerator.process_index if same_world else 0
-    # Read our RNG file first and strictly, so a refused file stops us before anything changes.
-    rng = _load_rng_file(path / RNG_FILE_PATTERN.format(rank=rng_rank))
-    accelerator.load_state(str(path))
+    try:
+        # Read our RNG file first and strictly, so a refused file stops us before anything changes.
+        rng = _load_rng_file(path / RNG_FILE_PATTERN.format(rank=rng_rank))
+        accelerator.load_state(str(path))
+    except Exception as error:  # re-raised, never swallowed: only the message gains the versions
+        differences = _software_differences(path, accelerator.device.type)
+        if not differences:
+            raise
+        versions = ", ".join(f"{name} {then} (now {now})" for name, then, now in differences)
+        reason = str(error) if isinstance(error, CheckpointError) else f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        raise CheckpointError(f"{path.name} could not be loaded ({reason}); it was written with {versions}") from error
     restore_rng_state(rng)
     return state, log_history, run_history
 

@@ -1,7 +1,8 @@
 """Where training stands, without touching the run: ./launch.sh status [--output_dir DIR] [--json] [--plot]
 
 Reads OUTPUT_DIR/trainer_state.json (rewritten at logging steps and saves), the lock and the
-checkpoints. Never writes anything, except OUTPUT_DIR/loss.png with --plot.
+checkpoints, and hashes the data files the newest checkpoint names, to say whether they are
+still there and unchanged. Never writes anything, except OUTPUT_DIR/loss.png with --plot.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import data
+import identity
 import state
 
 
@@ -43,6 +46,7 @@ def describe(output_dir: Path) -> dict:
             "name": path.name, "step": state.checkpoint_step(path), "bytes": size,
             "age_seconds": round(time.time() - modified), "valid": problem is None, "problem": problem,
         })  # fmt: skip
+    newest_valid = next((c["name"] for c in reversed(checkpoints) if c["valid"]), None)
     disk = shutil.disk_usage(output_dir if output_dir.is_dir() else Path.cwd())
     if live.get("training_complete"):
         situation = "complete"
@@ -62,9 +66,35 @@ def describe(output_dir: Path) -> dict:
         "eta_seconds": round((total - step) / steps_per_second) if steps_per_second and situation == "running" else None,
         "updated_at": live.get("updated_at"), "stop_reason": live.get("stop_reason"),
         "run_history": live.get("run_history", []), "checkpoints": checkpoints,
+        "data": describe_data(output_dir / newest_valid) if newest_valid else [],
         "disk_free_bytes": disk.free,
         "corrupt": sorted(p.name for p in output_dir.glob("checkpoint-*.corrupt*")) if output_dir.is_dir() else [],
     }  # fmt: skip
+
+
+def describe_data(checkpoint: Path) -> list[dict]:
+    """Where the checkpoint's data files were read from, and whether they are there now with the same content."""
+    try:
+        recorded = state.read_training_args(checkpoint)
+    except (OSError, ValueError):  # removed by a running training's rotation while we looked
+        return []
+    cache = identity.HashCache(writable=False)
+    found = []
+    for flag, content in (("train_file", "data_content"), ("validation_file", "validation_content")):
+        if flag == "train_file" and recorded.get("dataset_name"):
+            found.append({"flag": "dataset_name", "where": recorded["dataset_name"], "checkpoint": checkpoint.name, "state": "hub"})
+            continue
+        if recorded.get(content) is None:  # no such file, or a checkpoint from before content identities
+            continue
+        path = recorded.get(flag)
+        files = [path] if path else data.builtin_corpus_files()
+        try:
+            matches = identity.content_hash(files, cache) == recorded[content]
+            situation = "matches" if matches else "changed"
+        except FileNotFoundError:
+            situation = "missing"
+        found.append({"flag": flag, "where": path or "the built-in corpus", "checkpoint": checkpoint.name, "state": situation})
+    return found
 
 
 def human_duration(seconds: float | None) -> str:
@@ -100,6 +130,14 @@ def print_report(report: dict) -> None:
         print(f"   {checkpoint['name']:<20} step {checkpoint['step']:<8} {state.human_bytes(checkpoint['bytes']):>9}  {human_duration(checkpoint['age_seconds'])} old  {mark}")
     for name in report["corrupt"]:
         print(f"   {name:<20} moved aside (damaged)")
+    for entry in report["data"]:
+        where = f"   📄 --{entry['flag']} {entry['where']}: "
+        print(where + {
+            "matches": f"✅ same content as when {entry['checkpoint']} was saved",
+            "changed": f"❌ its content changed since {entry['checkpoint']} was saved; a resume will be refused",
+            "missing": f"❌ not there any more; resume with --{entry['flag']} at its new place (the same content resumes)",
+            "hub": "from the hub (not checked)",
+        }[entry["state"]])  # fmt: skip
     print(f"   💽 {state.human_bytes(report['disk_free_bytes'])} free")
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import resume
 import state
 from config import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, TrainingConfig, UsageError, compare_with_checkpoint, parse_config, parse_duration
-from data import DataError, make_dataloaders, prepare_datasets
+from data import DataError, input_identities, make_dataloaders, prepare_datasets
 from evaluation import evaluate, is_better
 from model import build_model, build_optimizer, build_tokenizer, loss_of, model_identity, own_model_files
 from reporting import TrainingLog
@@ -84,7 +84,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         eval_dataloader = accelerator.prepare(eval_dataloader)
     eval_steps = config.eval_steps or config.save_steps
     run_args = {
-        **config.result_defining_args(), "model_config": model_identity(config),
+        **config.result_defining_args(), "model_config": model_identity(config), **input_identities(config, tokenizer),
         "world_size": world_size, "global_batch_size": batches.global_batch, "gradient_accumulation_steps": batches.accumulation,
         "data_fingerprint": train_data._fingerprint, "train_samples": len(train_data),
     }  # fmt: skip
@@ -97,6 +97,8 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     log_history = []
     if decision.checkpoint:
         for note in compare_with_checkpoint(run_args, decision.checkpoint_args, config.allow_config_change):
+            say(note)
+        for note in state.software_changes(decision.checkpoint, accelerator.device.type):
             say(note)
         say(f"🔄 Found checkpoint: {Path(decision.checkpoint).name}")
         log_history = resume.restore(accelerator, decision.checkpoint, progress)

@@ -65,3 +65,12 @@ def test_interval_advice_measures_saves_and_steps_of_a_real_run(session_env, tmp
     between_saves = [float(row[1].split()[0]) * (60 if row[1].endswith("min") else 1) for row in rows]
     assert 0 < between_saves[0] < between_saves[1] < between_saves[2]
     assert all(number(row[2]) >= 0 for row in rows)
+
+
+def test_content_hash_benchmark_times_the_hash_and_a_cache_hit_costs_less(session_env):
+    rows = run_bench(session_env, "content_hash.py", "--size_mb", 8, "--repeats", 1)
+    assert [row[0] for row in rows] == [
+        "hash, from the disk (page cache dropped) (8 MiB)", "hash, from the page cache (8 MiB)",
+        "read only, from the page cache (no hash) (8 MiB)", "hash found in the cache file (8 MiB)",
+    ]  # fmt: skip
+    assert float(rows[3][1]) < float(rows[1][1])
