@@ -131,7 +131,8 @@ class TrainingConfig:
         if self.metric_for_best_model and self.metric_for_best_model not in produced.get(self.task, ()):
             raise UsageError(f"--metric_for_best_model {self.metric_for_best_model!r}: --task {self.task} reports {', '.join(produced[self.task])}")
         asked = [name.strip() for name in self.report_to.split(",")]
-        if len(asked) > 1 and ("none" in asked or "all" in asked) or any(name not in ("none", "all", *TRACKERS) for name in asked):
+        mixed = len(asked) > 1 and ("none" in asked or "all" in asked)
+        if mixed or any(name not in ("none", "all", *TRACKERS) for name in asked):
             raise UsageError(f"--report_to {self.report_to!r}: choose none, all, or one or more of {', '.join(TRACKERS)} (comma-separated)")
         for name in self.trackers:
             if importlib.util.find_spec(name) is None:

@@ -69,7 +69,7 @@ class Trackers:
 
                 if run_id is None:  # chosen and recorded before W&B hears of it: a kill during init re-attaches
                     run_ids["wandb"] = secrets.token_hex(4)
-                    state.write_json_atomic(path, {k: v for k, v in run_ids.items() if k != "tensorboard"})
+                    state.write_json_atomic(path, run_ids)
                 tracker = WandBTracker(None, id=run_ids["wandb"], resume="allow", name=run_name)  # project: WANDB_PROJECT or W&B's default
             else:
                 from accelerate.tracking import MLflowTracker
