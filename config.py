@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -21,6 +22,7 @@ from data import TASKS, data_builder_for
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED_EARLY, EXIT_ABORTED = 0, 1, 2, 75, 130
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_CONFIG = REPO_DIR / "configs" / "gpt2-small-byte.json"
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # --report_to names, each also the package to install
 
 
 class UsageError(Exception):
@@ -77,7 +79,8 @@ class TrainingConfig:
     resume_from_checkpoint: str = flag("auto", "auto (newest valid in --output_dir), none (start fresh) or a path")
     allow_config_change: bool = flag(False, "resume even if flags that change the result differ from the checkpoint")
     ddp_timeout: int = flag(1800, "seconds a process waits for the others in a collective before it gives up on a dead or hung machine")
-    report_to: str = flag("none", "none or tensorboard (logs under OUTPUT_DIR/runs)")
+    report_to: str = flag("none", "none, all (the installed ones) or a comma list of tensorboard (OUTPUT_DIR/runs), wandb, mlflow")
+    run_name: str = flag(None, "the run's name in W&B and MLflow (default: the output directory's name)")
     exit_code_file: str = flag(None, "write the exit code here (launch.sh: accelerate launch reports every failure as 1)")
 
     def validate(self) -> None:
@@ -128,8 +131,13 @@ class TrainingConfig:
         produced = {"causal-lm": ("eval_loss", "eval_perplexity"), "sequence-classification": ("eval_loss", "eval_accuracy")}
         if self.metric_for_best_model and self.metric_for_best_model not in produced.get(self.task, ()):
             raise UsageError(f"--metric_for_best_model {self.metric_for_best_model!r}: --task {self.task} reports {', '.join(produced[self.task])}")
-        if self.report_to not in ("none", "tensorboard"):
-            raise UsageError(f"--report_to {self.report_to!r}: choose none or tensorboard")
+        asked = [name.strip() for name in self.report_to.split(",")]
+        mixed = len(asked) > 1 and ("none" in asked or "all" in asked)
+        if mixed or any(name not in ("none", "all", *TRACKERS) for name in asked):
+            raise UsageError(f"--report_to {self.report_to!r}: choose none, all, or one or more of {', '.join(TRACKERS)} (comma-separated)")
+        for name in self.trackers:
+            if importlib.util.find_spec(name) is None:
+                raise UsageError(f"--report_to {name}: the {name} package is not installed; pip install {name}")
         if self.train_file and self.dataset_name:
             raise UsageError("give either --train_file or --dataset_name, not both")
         if self.train_file and not Path(self.train_file).is_file():
@@ -151,6 +159,14 @@ class TrainingConfig:
         """The flags as recorded in a checkpoint: all but those that only steer this one start."""
         transient = ("exit_code_file", "resume_from_checkpoint", "allow_config_change", "output_dir", "ddp_timeout")
         return {name: value for name, value in dataclasses.asdict(self).items() if name not in transient}
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers --report_to asks for; `all` is those whose package is installed."""
+        asked = [name.strip() for name in self.report_to.split(",")]
+        if asked == ["all"]:
+            return [name for name in TRACKERS if importlib.util.find_spec(name) is not None]
+        return [name for name in TRACKERS if name in asked]
 
     @property
     def model_config_path(self) -> str:

@@ -2,8 +2,8 @@
 
     ProgressLine    a tqdm bar on a terminal; one plain line per logging step otherwise (SLURM logs)
     TrainingLog     the loss since the last log line, and every logged entry: into log_history
-                    (saved in each checkpoint), the progress line, the trackers (TensorBoard), and
-                    OUTPUT_DIR/trainer_state.json for `./launch.sh status`
+                    (saved in each checkpoint), the progress line, the trackers (trackers.py: TensorBoard,
+                    W&B, MLflow), and OUTPUT_DIR/trainer_state.json for `./launch.sh status`
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import state
 from state import TrainingState
+from trackers import Trackers
 
 
 class ProgressLine:
@@ -72,7 +73,7 @@ class TrainingLog:
     exactly the steps an uninterrupted run would have averaged.
     """
 
-    def __init__(self, accelerator, progress: TrainingState, history: list, run_history: list, output_dir: Path, report_to: str):
+    def __init__(self, accelerator, progress: TrainingState, history: list, run_history: list, output_dir: Path, trackers: Trackers):
         import torch
 
         self.accelerator = accelerator
@@ -83,11 +84,9 @@ class TrainingLog:
         sums, world_size = progress.unlogged_loss_sums, accelerator.num_processes
         own_sum = sums[accelerator.process_index] if len(sums) == world_size else (sum(sums) / len(sums) if sums else 0.0)
         self.unlogged_loss = torch.tensor(own_sum, dtype=torch.float32, device=accelerator.device)
+        self.trackers = trackers
+        trackers.catch_up(history)
         self.write_live_state()
-        if report_to == "tensorboard":
-            # Points an interrupted run logged after this checkpoint are hidden (purged) by TensorBoard,
-            # so the curve continues from here without going back in steps.
-            accelerator.init_trackers("runs", init_kwargs={"tensorboard": {"purge_step": progress.global_step + 1}})
         self.bar = ProgressLine(accelerator, progress)
 
     def add_step(self, loss) -> None:
@@ -103,18 +102,18 @@ class TrainingLog:
         self.history.append(entry)
         self.unlogged_loss.zero_()
         progress.unlogged_steps = 0
-        self.bar.log(entry)
-        self.accelerator.log({
+        self.trackers.log({
             "train/loss": mean_loss, "train/learning_rate": learning_rate,
             "train/samples_per_second": self.bar.steps_per_second() * progress.global_batch_size,
         }, step=progress.global_step)  # fmt: skip
+        self.bar.log(entry)  # after the trackers: once the line is out, they have this step
         if self.accelerator.is_main_process:
             self.live_state.write_if_due(progress, self.history, self.run_history, steps_per_second=self.bar.steps_per_second())
 
     def log_evaluation(self, metrics: dict) -> None:
         step = self.progress.global_step
         self.history.append({"step": step, **metrics, "epoch": round(self.progress.epoch, 4)})
-        self.accelerator.log({name.replace("eval_", "eval/"): value for name, value in metrics.items()}, step=step)
+        self.trackers.log({name.replace("eval_", "eval/"): value for name, value in metrics.items()}, step=step)
         self.accelerator.print(f"📊 step {step}: " + ", ".join(f"{name} {value}" for name, value in metrics.items()))
 
     def unlogged_loss_sums(self) -> list:

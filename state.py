@@ -102,6 +102,8 @@ class TrainingState:
     # The best evaluation so far (--metric_for_best_model) and the checkpoint that holds it.
     best_metric: float | None = None
     best_model_checkpoint: str | None = None
+    # The W&B / MLflow run ids (--report_to), so that every resume re-attaches to the same run.
+    tracker_runs: dict = dataclasses.field(default_factory=dict)
 
     @property
     def epoch(self) -> float:

@@ -39,6 +39,7 @@ from model import build_model, build_optimizer, build_tokenizer, loss_of, model_
 from reporting import TrainingLog
 from state import TrainingState
 from stopping import Deadline, StopCheck, StopRequests, process_start_time
+from trackers import Trackers
 
 
 def main(config: TrainingConfig, stop: StopRequests) -> int:
@@ -112,7 +113,8 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     if deadline.at is not None:
         say(f"⏰ Will stop with a checkpoint before {deadline.describe()}")
     stopping = StopCheck(stop, world_size, deadline)
-    log = TrainingLog(accelerator, progress, log_history, run_history, output_dir, config.report_to)
+    trackers = Trackers(accelerator, config, progress, decision.checkpoint_state)  # the same W&B / MLflow run on every resume
+    log = TrainingLog(accelerator, progress, log_history, run_history, output_dir, trackers)
     saver = CheckpointSaver(accelerator, model, config, run_args, deadline, log, saved_step=progress.global_step if decision.checkpoint else None)
 
     # ---- the loop
@@ -267,7 +269,6 @@ def build_accelerator(config: TrainingConfig):
         cpu=not torch.cuda.is_available(),  # with no GPU, this makes several processes real gloo ranks
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the world size
-        log_with="tensorboard" if config.report_to == "tensorboard" else None,
         project_dir=config.output_dir,
         # A process waits this long in a collective for the others: a dead or hung machine ends the run then.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.ddp_timeout))],

@@ -5,6 +5,7 @@ Production code has no test switches; this wrapper patches it from the outside:
                               after every file is written and before the rename
   HARNESS_SLOW_SAVE=SECONDS   sleep this long inside every save, before the manifest is written
   HARNESS_RECORD_BATCHES=FILE append "step<TAB>sha256 of each micro-batch" per optimizer step
+  HARNESS_HIDE_PACKAGES=A,B   make these packages look not installed (e.g. wandb)
 """
 
 import hashlib
@@ -18,6 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import state  # noqa: E402
 import train_loop  # noqa: E402
+
+for package in filter(None, os.environ.get("HARNESS_HIDE_PACKAGES", "").split(",")):
+    sys.modules[package] = None  # importlib.util.find_spec now answers None, and an import fails
 
 kill_step = os.environ.get("HARNESS_KILL_IN_SAVE")
 if kill_step:

@@ -1,0 +1,176 @@
+"""Experiment trackers (--report_to): one continuous tracker run per training run, across every resume.
+
+    Trackers(accelerator, config, progress, checkpoint_state)   start or re-attach the runs (main process)
+    Trackers.catch_up(log_history)                              log what a killed run logged but the tracker lost
+    Trackers.log(values, step)                                  to every tracker, never a step twice
+
+What "continuous" means for each tracker:
+
+    tensorboard  OUTPUT_DIR/runs. A resume writes a new event file with purge_step = the checkpoint's
+                 step + 1: TensorBoard hides the points an interrupted run wrote after its checkpoint,
+                 and the resumed run writes those steps again.
+    wandb        one run id, chosen at the first start; every start re-attaches to it (id, resume="allow").
+                 Offline, every start writes its own offline-run-*-<id> directory; `wandb sync` uploads
+                 them into that one run. W&B's rewind (resume_from) needs the server, so it is not used.
+    mlflow       one run_id, created at the first start; every start re-opens it (start_run(run_id=...)).
+
+W&B and MLflow cannot take points back (MLflow keeps every point logged at a step: logging a step
+again duplicates it). So at every start the run asks the tracker which step it has for each metric:
+MLflow its metric histories; W&B online the step the server resumes at, offline the earlier offline
+directories of the run. It then logs a metric only at later steps. Resume is exact, so the steps it
+skips hold the very values it computes again. What a kill lost before the tracker stored it (W&B
+writes its offline file every 15 s) is logged again from log_history, which every checkpoint holds.
+
+On disk:
+    OUTPUT_DIR/trackers.json   {"wandb": RUN_ID, "mlflow": RUN_ID}, written durably when a run is created
+    tracker_runs               the same ids in trainer_state.json and every checkpoint's copy (durable);
+                               a resume takes them from its checkpoint first
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import struct
+from pathlib import Path
+
+import state
+from config import TrainingConfig
+from state import TrainingState
+
+TRACKERS_NAME = "trackers.json"
+
+
+class Trackers:
+    """The run's trackers. Main process only; on the other ranks every method does nothing.
+
+    A new tracker run is created when this output directory has none yet, or with
+    --resume_from_checkpoint none; otherwise every start re-attaches to the same run.
+    """
+
+    def __init__(self, accelerator, config: TrainingConfig, progress: TrainingState, checkpoint_state: TrainingState | None):
+        self.trackers = []
+        self.has = {}  # tracker name -> (step it has per metric, step for metrics not listed); absent: TensorBoard
+        if not accelerator.is_main_process or not config.trackers:
+            return
+        path = Path(config.output_dir) / TRACKERS_NAME
+        recorded = {} if config.resume_from_checkpoint == "none" else _read_json(path)
+        # The checkpoint's ids are durable; trackers.json also covers a run killed before its first checkpoint.
+        run_ids = {**recorded, **(checkpoint_state.tracker_runs if checkpoint_state else {})}
+        run_name = config.run_name or Path(config.output_dir).resolve().name
+        for name in config.trackers:
+            run_id = run_ids.get(name)
+            if name == "tensorboard":
+                from accelerate.tracking import TensorBoardTracker
+
+                tracker = TensorBoardTracker("runs", config.output_dir, purge_step=progress.global_step + 1)
+            elif name == "wandb":
+                from accelerate.tracking import WandBTracker
+
+                if run_id is None:  # chosen and recorded before W&B hears of it: a kill during init re-attaches
+                    run_ids["wandb"] = secrets.token_hex(4)
+                    state.write_json_atomic(path, run_ids)
+                tracker = WandBTracker(None, id=run_ids["wandb"], resume="allow", name=run_name)  # project: WANDB_PROJECT or W&B's default
+            else:
+                from accelerate.tracking import MLflowTracker
+
+                tracker = MLflowTracker("Default", run_id=run_id, run_name=run_name)  # MLFLOW_EXPERIMENT_NAME wins
+            tracker.start()
+            self.trackers.append(tracker)
+            accelerator.trackers.append(tracker)  # accelerator.end_training() finishes it
+            if name == "mlflow" and run_id is None:
+                run_ids["mlflow"] = tracker.active_run.info.run_id  # MLflow's id exists only now
+                state.write_json_atomic(path, run_ids)
+            if run_id is None and name != "tensorboard":
+                tracker.store_init_configuration(config.result_defining_args())  # once: MLflow refuses to change a param
+            if name == "wandb":
+                self.has[name] = _steps_wandb_has(tracker.run) if run_id else ({}, -1)
+            elif name == "mlflow":
+                self.has[name] = _steps_mlflow_has(tracker.active_run.info.run_id) if run_id else ({}, -1)
+        progress.tracker_runs = {name: run_id for name, run_id in run_ids.items() if name in ("wandb", "mlflow")}
+
+    def catch_up(self, log_history: list) -> None:
+        """Log the entries of log_history (up to the checkpoint) that a tracker does not have."""
+        if self.has:
+            for entry in log_history:
+                self.log(tracker_values(entry), entry["step"], only=("wandb", "mlflow"))
+
+    def log(self, values: dict, step: int, only=None) -> None:
+        """Log to every tracker; W&B and MLflow get only the metrics they do not have at this step yet."""
+        for tracker in self.trackers:
+            if only is not None and tracker.name not in only:
+                continue
+            if tracker.name in self.has:
+                per_metric, otherwise = self.has[tracker.name]
+                values_now = {key: value for key, value in values.items() if step > per_metric.get(key, otherwise)}
+                if values_now:
+                    tracker.log(values_now, step=step)
+            else:
+                tracker.log(values, step=step)
+
+
+def tracker_values(entry: dict) -> dict:
+    """A log_history entry as the trackers show it: train/loss, train/learning_rate, eval/loss, ..."""
+    if "loss" in entry:
+        return {"train/loss": entry["loss"], "train/learning_rate": entry["learning_rate"]}
+    return {key.replace("eval_", "eval/"): value for key, value in entry.items() if key.startswith("eval_")}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def _steps_mlflow_has(run_id: str) -> tuple[dict, int]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    metrics = client.get_run(run_id).data.metrics
+    return {key: max(point.step for point in client.get_metric_history(run_id, key)) for key in metrics}, -1
+
+
+def _steps_wandb_has(run) -> tuple[dict, int]:
+    """Online: the server's step, below which W&B itself drops points. Offline: what earlier offline directories hold."""
+    if not run.offline:
+        return {}, run.step - 1
+    from wandb.proto import wandb_internal_pb2
+
+    this_run = Path(run.settings.sync_dir)
+    steps = {}
+    for earlier in this_run.parent.glob(f"offline-run-*-{run.id}/run-{run.id}.wandb"):
+        if earlier.parent == this_run:
+            continue
+        for data in _leveldb_log_records(earlier.read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            if record.WhichOneof("record_type") == "history":
+                row = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+                step = int(json.loads(row.get("_step", "-1")))
+                for key in row:
+                    steps[key] = max(steps.get(key, -1), step)
+    return steps, -1
+
+
+def _leveldb_log_records(data: bytes):
+    """The records of a .wandb file: LevelDB's log format (32 KiB blocks of chunks) after a 7-byte ':W&B' header.
+
+    A file cut short by a kill ends in a partial chunk, which is ignored.
+    """
+    block, header = 32768, 7
+    if data[:4] != b":W&B":
+        return
+    position, pending = header, b""
+    while position + header <= len(data):
+        if block - position % block < header:  # a block's tail too short for a chunk header is padding
+            position += block - position % block
+            continue
+        _checksum, length, kind = struct.unpack("<IHB", data[position : position + header])
+        if kind == 0 or position + header + length > len(data):
+            return
+        pending += data[position + header : position + header + length]
+        position += header + length
+        if kind in (1, 4):  # a FULL or LAST chunk completes a record
+            yield pending
+            pending = b""
