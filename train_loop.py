@@ -520,7 +520,8 @@ def decide_start(config: TrainingConfig, lock: state.OutputDirLock) -> StartDeci
         return StartDecision(error=f"--output_dir {output_dir}: {error.strerror}", exit_code=EXIT_USAGE)
     decision = StartDecision()
     for leftover in state.clean_leftovers(output_dir):
-        decision.notes.append(f"🧹 Removed {leftover.name}, left by a save that was interrupted")
+        interrupted = "deletion" if leftover.name.startswith(state.DELETING_PREFIX) else "save"
+        decision.notes.append(f"🧹 Removed {leftover.name}, left by a {interrupted} that was interrupted")
     live = state.read_live_state(output_dir) or {}
     decision.run_history = live.get("run_history", [])
 
