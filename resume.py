@@ -44,7 +44,8 @@ def _decide_on_main_process(config: TrainingConfig, lock: state.OutputDirLock) -
         return StartDecision(error=f"--output_dir {output_dir}: {error.strerror}", exit_code=EXIT_USAGE)
     decision = StartDecision()
     for leftover in state.clean_leftovers(output_dir):
-        decision.notes.append(f"🧹 Removed {leftover.name}, left by a save that was interrupted")
+        interrupted = "deletion" if leftover.name.startswith(state.DELETING_PREFIX) else "save"
+        decision.notes.append(f"🧹 Removed {leftover.name}, left by a {interrupted} that was interrupted")
     live = state.read_live_state(output_dir) or {}
     decision.run_history = live.get("run_history", [])
 

@@ -6,7 +6,7 @@ checkpoint path itself:
     newest_valid_checkpoint(output_dir)   which checkpoint to resume from
     save_checkpoint(...)                  atomic, durable, all ranks take part
     load_checkpoint(...)                  model, optimizer, scheduler, RNG, progress
-    rotate_checkpoints(...)               keep the newest K, only after a save
+    rotate_checkpoints(...)               keep the newest K, only after a save; crash-safe deletion
     software_changes(...)                 which versions differ from the checkpoint's (one line each)
     LiveState                             OUTPUT_DIR/trainer_state.json, for people
     OutputDirLock                         one run per output directory
@@ -19,6 +19,7 @@ Layout of an output directory:
         trainer_state.json, training_args.json, software.json (versions and devices that wrote it),
         manifest.json (written last: size + XXH3-128 of each)
       .tmp-checkpoint-<step>/       a save in progress; never resumed from
+      .deleting-checkpoint-<step>/  a rotated-away checkpoint being deleted; never resumed from
       checkpoint-<step>.corrupt/    a damaged checkpoint moved aside, never deleted
       trainer_state.json            live progress, rewritten at logging steps (rate-limited) and saves
       .resumable.lock               held by the running process
@@ -46,6 +47,7 @@ import xxhash
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TEMPORARY_PREFIX = ".tmp-checkpoint-"
+DELETING_PREFIX = ".deleting-"
 CORRUPT_SUFFIX = ".corrupt"
 MANIFEST_NAME = "manifest.json"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -333,11 +335,12 @@ def newest_valid_checkpoint(output_dir: Path, warn=print) -> Path | None:
 
 
 def clean_leftovers(output_dir: Path) -> list[Path]:
-    """Remove temporary directories of saves that were interrupted. Main process, under the lock."""
+    """Remove what interrupted saves and deletions left behind. Main process, under the lock."""
     removed = []
-    for path in Path(output_dir).glob(TEMPORARY_PREFIX + "*"):
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
+    for pattern in (TEMPORARY_PREFIX + "*", DELETING_PREFIX + CHECKPOINT_PREFIX + "*"):
+        for path in Path(output_dir).glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     shutil.rmtree(Path(output_dir) / ".tmp-final-model", ignore_errors=True)
     for path in Path(output_dir).glob(f".{TRAINER_STATE_NAME}.*.tmp"):
         path.unlink(missing_ok=True)
@@ -476,21 +479,43 @@ def write_manifest(directory: Path, global_step: int) -> None:
 
 
 def rotate_checkpoints(output_dir: Path, keep: int, protect: tuple = ()) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints; call only after a save returned.
+    """Delete every checkpoint older than the newest `keep` complete ones; call only after a save returned.
 
-    The newest checkpoint and any path in `protect` (the best model) are never deleted.
-    Returns what was deleted.
+    Complete means it has its manifest. Incomplete ones older than those `keep` go too: they are
+    what a deletion interrupted before deletions were crash-safe left behind. An incomplete one
+    newer than them is damage for `newest_valid_checkpoint` to report, and is left alone, as are
+    `.corrupt` directories. The newest complete checkpoint and any path in `protect` (the best
+    model) are never deleted. Each deletion is crash-safe (`delete_checkpoint`). Returns what was deleted.
     """
-    complete = [path for path in list_checkpoints(output_dir) if (path / MANIFEST_NAME).is_file()]
-    if keep <= 0 or len(complete) <= keep:
+    checkpoints = list_checkpoints(output_dir)
+    complete = [path for path in checkpoints if (path / MANIFEST_NAME).is_file()]
+    if keep <= 0 or len(complete) < keep:
         return []
-    protected = {Path(p).resolve() for p in protect} | {complete[-1].resolve()}
+    oldest_kept = checkpoint_step(complete[-keep])  # keep >= 1, so the newest complete one is kept
+    protected = {Path(p).resolve() for p in protect}
     deleted = []
-    for path in complete[:-keep]:
-        if path.resolve() not in protected:
-            shutil.rmtree(path)
+    for path in checkpoints:
+        if checkpoint_step(path) < oldest_kept and path.resolve() not in protected:
+            delete_checkpoint(path)
             deleted.append(path)
     return deleted
+
+
+def delete_checkpoint(path: Path) -> None:
+    """Delete a checkpoint directory so that a crash at any moment leaves no `checkpoint-N` behind.
+
+    One atomic rename moves it out of the `checkpoint-N` namespace (to `.deleting-checkpoint-N`,
+    parent fsynced) before any file goes. Deleting file by file in place, a kill part-way left
+    a `checkpoint-N` without its manifest that rotation never counted, so it stayed forever.
+    `clean_leftovers` removes what an interrupted deletion leaves.
+    """
+    path = Path(path)
+    doomed = path.with_name(DELETING_PREFIX + path.name)
+    if doomed.exists():  # left by an interrupted deletion of the same name; a rename cannot replace it
+        shutil.rmtree(doomed)
+    os.replace(path, doomed)
+    _fsync_path(path.parent)
+    shutil.rmtree(doomed)
 
 
 # --------------------------------------------------------------------------- which software wrote it

@@ -36,6 +36,8 @@ class StopRequests:
     def install(self) -> None:
         for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             signal.signal(number, self._on_signal)
+        # launch.sh starts us with them blocked (see supervisor.py): one that came meanwhile runs now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1))
 
     def _on_signal(self, number, frame) -> None:
         now = time.monotonic()

@@ -3,6 +3,8 @@
 Production code has no test switches; this wrapper patches it from the outside:
   HARNESS_KILL_IN_SAVE=STEP   SIGKILL this process inside the save of checkpoint-STEP,
                               after every file is written and before the rename
+  HARNESS_KILL_IN_DELETE=STEP SIGKILL this process while rotation deletes checkpoint-STEP,
+                              after two of its files are gone (manifest.json, model.safetensors)
   HARNESS_SLOW_SAVE=SECONDS   sleep this long inside every save, before the manifest is written
   HARNESS_RECORD_BATCHES=FILE append "step<TAB>sha256 of each micro-batch" per optimizer step
   HARNESS_HIDE_PACKAGES=A,B   make these packages look not installed (e.g. wandb)
@@ -10,6 +12,7 @@ Production code has no test switches; this wrapper patches it from the outside:
 
 import hashlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -34,6 +37,20 @@ if kill_step:
         return original_finish(temporary, final, progress, *args)
 
     state._finish_checkpoint = finish_then_die
+
+delete_step = os.environ.get("HARNESS_KILL_IN_DELETE")
+if delete_step:
+    original_rmtree = shutil.rmtree
+
+    def rmtree_then_die(path, *args, **kwargs):
+        name = f"{state.CHECKPOINT_PREFIX}{delete_step}"
+        if Path(path).name in (name, state.DELETING_PREFIX + name):  # deleted in place, or moved first
+            for name in (state.MANIFEST_NAME, "model.safetensors"):
+                (Path(path) / name).unlink()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_rmtree(path, *args, **kwargs)
+
+    shutil.rmtree = rmtree_then_die
 
 slow_save = os.environ.get("HARNESS_SLOW_SAVE")
 if slow_save:

@@ -1,13 +1,16 @@
 """Signals, deadlines and launch.sh's retry loop, on the real program."""
 
 import json
+import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Training, file_digest, tiny_flags, train
+import state
+from conftest import REPO, Training, descendants, file_digest, tiny_flags, train
 from test_multiprocess import TWO_RANKS
 
 FLAGS = dict(max_train_samples=200, gradient_accumulation_steps=2, max_steps=120, save_steps=50)
@@ -122,3 +125,123 @@ def test_launch_sh_passes_ctrl_c_to_the_training_and_reports_75(tmp_path, sessio
     assert process.returncode == 75, output[-2000:]
     assert "Saved checkpoint-" in output and "retry" not in output  # a person's Ctrl+C is not retried
     assert checkpoint_steps(tmp_path / "run")
+
+
+# --------------------------------------------------------------------------- launch.sh as schedulers and scripts run it
+
+LAUNCH = [str(REPO / "launch.sh")]
+
+
+def process_tree(pid: int) -> list[int]:
+    return [pid, *descendants(pid)]
+
+
+def training_processes(pids) -> list[int]:
+    """The train_loop.py processes among `pids` (not the launcher, whose arguments name it too)."""
+    found = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if any(argument.endswith(b"train_loop.py") for argument in argv[1:3]):  # python [-u] train_loop.py
+            found.append(pid)
+    return found
+
+
+def blocked_signals(pid: int) -> set:
+    mask = int(Path(f"/proc/{pid}/status").read_text().split("SigBlk:")[1].split()[0], 16)
+    return {number for number in signal.Signals if mask & (1 << (number - 1))}
+
+
+def alive(pids) -> list[int]:
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+def signal_all_at_once(pids, number) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, number)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_sigterm_to_every_process_at_once_launch_sh_waits_for_the_training_and_exits_75(tmp_path, session_env, corpus, reference_runs, processes):
+    # systemd's stop, SLURM's scancel, time limit or preemption: SIGTERM to launch.sh, the launcher and every rank.
+    flags = tiny_flags(corpus, **{**FLAGS, "gradient_accumulation_steps": 3 - processes})
+    reference = reference_runs(flags, launcher=TWO_RANKS if processes == 2 else None)
+    env = {**session_env, "NUM_PROCESSES": str(processes)}
+    output_dir = tmp_path / "run"
+    run = Training(env, output_dir, flags, launcher=LAUNCH)
+    run.wait_for(r"step 30/120")
+    tree = process_tree(run.process.pid)
+    training = training_processes(tree)
+    assert len(training) == processes
+    # The launcher between (accelerate; torchrun's agent for 2) keeps them blocked: it cannot kill a saving rank.
+    forwarded = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+    assert [blocked_signals(pid) >= forwarded for pid in tree[:2]] == [False, True]  # launch.sh, the launcher
+    assert all(not blocked_signals(pid) & forwarded for pid in training)
+    try:
+        signal_all_at_once(tree, signal.SIGTERM)
+        assert run.process.wait(timeout=120) == 75
+        assert alive(tree[1:]) == []  # launch.sh returned only after every process it started had ended
+    finally:
+        signal_all_at_once(alive(tree), signal.SIGKILL)
+    run.finish()
+    stopped_at = int(run.text.split("🛑 Stopping at step ")[1].split(":")[0])
+    assert f"💾 Saved checkpoint-{stopped_at} (SIGTERM" in run.text
+    assert "launch.sh: stopped by SIGTERM (exit 75)" in run.text
+    state.verify_checkpoint(output_dir / f"checkpoint-{stopped_at}")
+
+    final = train(env, output_dir, flags, launcher=LAUNCH)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert f"Resumed from checkpoint (step {stopped_at}," in final.stdout
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+
+
+def test_sigterm_while_the_training_is_still_starting_is_not_fatal(tmp_path, session_env, corpus):
+    flags = tiny_flags(corpus, **FLAGS)
+    output_dir = tmp_path / "run"
+    first = Training(session_env, output_dir, flags, launcher=LAUNCH)
+    first.wait_for(r"Saved checkpoint-50")
+    first.signal_group(signal.SIGKILL)
+    first.finish()
+
+    run = Training(session_env, output_dir, flags, launcher=LAUNCH)
+    deadline = time.monotonic() + 60
+    while not training_processes(process_tree(run.process.pid)):  # started, still importing torch
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    tree = process_tree(run.process.pid)
+    try:
+        signal_all_at_once(tree, signal.SIGTERM)
+        assert run.process.wait(timeout=120) == 75
+        assert alive(tree[1:]) == []
+    finally:
+        signal_all_at_once(alive(tree), signal.SIGKILL)
+    run.finish()
+    assert "🛑 Stopping at step 50: SIGTERM" in run.text and "Resumed from checkpoint (step 50," in run.text
+    assert json.loads((output_dir / "trainer_state.json").read_text())["stop_reason"] == "SIGTERM"
+    assert checkpoint_steps(output_dir) == [50]
+
+
+def test_sigint_stops_launch_sh_started_in_the_background_of_a_script(tmp_path, session_env, corpus):
+    # A non-interactive shell starts background jobs with SIGINT ignored; bash could not trap it.
+    ignored = subprocess.run(["bash", "-c", "grep SigIgn /proc/self/status & wait"], capture_output=True, text=True).stdout
+    assert int(ignored.split()[1], 16) & (1 << (signal.SIGINT - 1)), "this shell does not ignore SIGINT in background jobs"
+    flags = tiny_flags(corpus, **{**FLAGS, "max_steps": 100000})
+    in_a_script = ["bash", "-c", '"$0" "$@" & echo launch.sh is $!; wait $!', str(REPO / "launch.sh")]
+    script = Training(session_env, tmp_path / "run", flags, launcher=in_a_script)
+    launch_pid = int(script.wait_for(r"launch.sh is (\d+)").group(1))
+    script.wait_for(r"step 20/100000")
+    tree = process_tree(launch_pid)
+    try:
+        os.kill(launch_pid, signal.SIGINT)
+        assert script.finish(timeout=120) == 75, script.text[-2000:]
+    finally:
+        signal_all_at_once(alive(tree), signal.SIGKILL)  # without the fix training would go on for ever
+    assert alive(tree) == []
+    stopped_at = int(script.text.split("🛑 Stopping at step ")[1].split(":")[0])
+    assert f"💾 Saved checkpoint-{stopped_at} (SIGINT" in script.text
+    assert checkpoint_steps(tmp_path / "run") == [stopped_at]

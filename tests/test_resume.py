@@ -54,6 +54,48 @@ def test_kill_inside_a_save_leaves_previous_checkpoint_and_result_unchanged(tmp_
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
 
 
+def checkpoint_names(output_dir):
+    return sorted((p.name for p in output_dir.iterdir() if "checkpoint-" in p.name), key=lambda name: (len(name), name))
+
+
+def test_kill_inside_a_rotation_deletion_leaks_nothing(tmp_path, session_env, corpus, reference_runs):
+    flags = tiny_flags(corpus, **{**FLAGS, "max_steps": 60, "save_total_limit": 3})
+    reference = reference_runs(flags)
+    output_dir = tmp_path / "run"
+    # Saving checkpoint-50 rotates checkpoint-20 away; the process dies with two of its files gone.
+    killed = train(session_env, output_dir, flags, harness_env={"HARNESS_KILL_IN_DELETE": "20"})
+    assert killed.returncode == -9
+    assert "💾 Saved checkpoint-40" in killed.stdout and not (output_dir / "checkpoint-20").exists()
+
+    final = train(session_env, output_dir, flags)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert "🧹 Removed .deleting-checkpoint-20, left by a deletion that was interrupted" in final.stdout
+    assert "Resumed from checkpoint (step 50," in final.stdout
+    assert checkpoint_names(output_dir) == ["checkpoint-40", "checkpoint-50", "checkpoint-60"]
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+
+
+def test_a_half_deleted_old_checkpoint_is_removed_by_the_next_rotation(tmp_path, session_env, corpus, reference_runs):
+    flags = tiny_flags(corpus, **{**FLAGS, "max_steps": 60, "save_total_limit": 3})
+    reference = reference_runs(flags)
+    output_dir = tmp_path / "run"
+    run = Training(session_env, output_dir, flags)
+    run.wait_for(r"Saved checkpoint-30")
+    run.signal_group()
+    run.finish()
+    # What a kill inside a deletion left before deletions were crash-safe: the big files and the manifest gone.
+    for name in ("manifest.json", "model.safetensors"):
+        (output_dir / "checkpoint-10" / name).unlink()
+
+    final = train(session_env, output_dir, flags)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert "Resumed from checkpoint (step 30," in final.stdout
+    assert "💾 Saved checkpoint-40 (every --save_steps" in final.stdout
+    assert "removed checkpoint-10)" in final.stdout.split("Saved checkpoint-40")[1].splitlines()[0]
+    assert checkpoint_names(output_dir) == ["checkpoint-40", "checkpoint-50", "checkpoint-60"]
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+
+
 def test_batches_after_a_resume_are_the_ones_the_uninterrupted_run_took(tmp_path, session_env, corpus):
     flags = tiny_flags(corpus, **{**FLAGS, "max_steps": 60, "save_steps": 7})
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"

@@ -104,6 +104,39 @@ def test_rotation_keeps_the_newest_k_and_protected_ones(tmp_path):
     assert left == [2000, 10000, 20000, 30000]
 
 
+def test_rotation_removes_old_incomplete_checkpoints_but_not_newer_or_corrupt_ones(tmp_path):
+    half_deleted = make_checkpoint(tmp_path, 1000, complete=False)  # a deletion interrupted in place
+    for step in (2000, 3000, 4000):
+        make_checkpoint(tmp_path, step)
+    make_checkpoint(tmp_path, 5000, complete=False)  # newer than the kept ones: damage, left for discovery
+    (tmp_path / "checkpoint-500.corrupt").mkdir()
+    deleted = state.rotate_checkpoints(tmp_path, keep=2)
+    assert deleted == [half_deleted, tmp_path / "checkpoint-2000"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3000", "checkpoint-4000", "checkpoint-500.corrupt", "checkpoint-5000"]
+    # Fewer complete checkpoints than `keep`: nothing counts as old, nothing goes.
+    assert state.rotate_checkpoints(tmp_path, keep=3) == []
+
+
+def test_deletion_moves_the_checkpoint_out_of_discovery_first_and_leftovers_are_cleaned(tmp_path, monkeypatch):
+    make_checkpoint(tmp_path, 100)
+    path = make_checkpoint(tmp_path, 200)
+    seen = []
+
+    def interrupted_rmtree(doomed, *args, **kwargs):  # what a kill during the deletion leaves
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        (doomed / "manifest.json").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(state.shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        state.delete_checkpoint(path)
+    monkeypatch.undo()
+    assert seen == [[".deleting-checkpoint-200", "checkpoint-100"]]  # renamed before any file went
+    assert [p.name for p in state.list_checkpoints(tmp_path)] == ["checkpoint-100"]
+    assert state.clean_leftovers(tmp_path) == [tmp_path / ".deleting-checkpoint-200"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-100"]
+
+
 def test_rotation_never_deletes_the_newest(tmp_path):
     make_checkpoint(tmp_path, 5)
     assert state.rotate_checkpoints(tmp_path, keep=1) == []
