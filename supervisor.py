@@ -3,7 +3,7 @@
     python supervisor.py [--retries N] [training flags]     (launch.sh runs this inside .venv)
 
 The training runs as `accelerate launch ... train_loop.py --exit_code_file F [flags]`, with
-NUM_PROCESSES processes (default 1). The contract:
+NUM_PROCESSES processes (default 1), on NUM_MACHINES machines (see `launcher_command`). The contract:
 
 - Signals. SIGINT, SIGTERM and SIGUSR1 get their handlers first thing, whatever the parent left
   (a script's background job starts with SIGINT ignored, which bash cannot undo; Python can).
@@ -134,6 +134,41 @@ def pause(seconds: float) -> None:
         time.sleep(min(POLL_SECONDS, max(0.0, until - time.monotonic())))
 
 
+def launcher_command(environ) -> list[str]:
+    """`accelerate launch ...` for this machine, from the environment; ValueError names a bad variable.
+
+    NUM_PROCESSES     processes in the whole job (default 1)
+    NUM_MACHINES      machines in the job (default 1); with more than one, also:
+    MACHINE_RANK      this machine's number, 0 on the main one
+    MAIN_PROCESS_IP   the main machine's address, MAIN_PROCESS_PORT a free port on it (default 29500)
+    """
+
+    def whole_number(name: str, default: str, smallest: int) -> int:
+        text = environ.get(name, default)
+        if not re.fullmatch(r"[0-9]+", text) or int(text) < smallest:
+            raise ValueError(f"{name} must be a whole number of at least {smallest} (got '{text}')")
+        return int(text)
+
+    processes = whole_number("NUM_PROCESSES", "1", 1)
+    machines = whole_number("NUM_MACHINES", "1", 1)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--quiet", "--config_file", str(HERE / "accelerate_config.yaml"), "--num_processes", str(processes)]
+    if machines > 1:
+        rank = whole_number("MACHINE_RANK", "", 0)
+        port = whole_number("MAIN_PROCESS_PORT", "29500", 1)
+        address = environ.get("MAIN_PROCESS_IP", "")
+        if rank >= machines:
+            raise ValueError(f"MACHINE_RANK {rank} is not below NUM_MACHINES {machines} (the main machine is 0)")
+        if not address:
+            raise ValueError("MAIN_PROCESS_IP: set it to the address of the machine with MACHINE_RANK=0")
+        if processes % machines:
+            raise ValueError(f"NUM_PROCESSES counts the processes of all machines: {processes} is not a multiple of NUM_MACHINES {machines}")
+        command += ["--num_machines", str(machines), "--machine_rank", str(rank), "--main_process_ip", address, "--main_process_port", str(port)]
+    if processes > 1:
+        command.append("--multi_gpu")  # without it, accelerate starts one process on a machine with no GPU
+    return command
+
+
 def run(argv: list[str]) -> int:
     retries = 0
     if argv[:1] == ["--retries"]:
@@ -142,14 +177,11 @@ def run(argv: list[str]) -> int:
             print(f"error: --retries takes a whole number (got '{value}')", file=sys.stderr)
             return EXIT_USAGE
         retries, argv = int(value), argv[2:]
-    processes = os.environ.get("NUM_PROCESSES", "1")
-    if not re.fullmatch(r"[0-9]+", processes) or int(processes) < 1:
-        print(f"error: NUM_PROCESSES must be a positive whole number (got '{processes}')", file=sys.stderr)
+    try:
+        launcher = launcher_command(os.environ)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    accelerate = Path(sys.executable).with_name("accelerate")
-    launcher = [str(accelerate), "launch", "--quiet", "--config_file", str(HERE / "accelerate_config.yaml"), "--num_processes", processes]
-    if int(processes) > 1:
-        launcher.append("--multi_gpu")
     if sys.platform == "linux":
         become_subreaper()
 

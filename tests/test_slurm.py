@@ -19,6 +19,21 @@ def cluster_is_up() -> bool:
     return answer.returncode == 0 and any(s in answer.stdout for s in ("idle", "mixed", "allocated"))
 
 
+def wait_for_the_end(job_id: str, output_dir, seconds: float = 900) -> dict:
+    """The live trainer_state.json once training is complete, or once the job is gone from the queue."""
+    live = {}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        live = json.loads((output_dir / "trainer_state.json").read_text()) if (output_dir / "trainer_state.json").exists() else {}
+        if live.get("training_complete"):
+            break
+        queued = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()
+        if not queued:
+            break  # the job ended without finishing the training: the asserts say why
+        time.sleep(5)
+    return live
+
+
 def test_job_hits_its_time_limit_saves_requeues_itself_and_finishes_byte_identical(tmp_path, session_env, corpus, reference_runs):
     if not cluster_is_up():
         pytest.skip("no SLURM cluster here: run tests/slurm/start_cluster.sh (as root) first")
@@ -33,15 +48,7 @@ def test_job_hits_its_time_limit_saves_requeues_itself_and_finishes_byte_identic
     )  # fmt: skip
     job_id = submitted.stdout.strip().split(";")[0]
     try:
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            live = json.loads((output_dir / "trainer_state.json").read_text()) if (output_dir / "trainer_state.json").exists() else {}
-            if live.get("training_complete"):
-                break
-            queued = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()
-            if not queued:
-                break  # the job ended without finishing the training: the asserts below say why
-            time.sleep(5)
+        live = wait_for_the_end(job_id, output_dir)
         text = log.read_text()
         assert live.get("training_complete"), text[-3000:]
     finally:
@@ -50,4 +57,32 @@ def test_job_hits_its_time_limit_saves_requeues_itself_and_finishes_byte_identic
     assert "Saved checkpoint-" in text and ("(SIGUSR1" in text or "(deadline" in text)
     resumes = [entry for entry in live["run_history"] if entry["event"] == "resume"]
     assert resumes and all(entry["previous_stop"] in ("SIGUSR1", "deadline", "SIGTERM") for entry in resumes), live["run_history"]
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+
+
+def test_multinode_job_with_two_tasks_as_two_machines_requeues_itself_and_finishes_byte_identical(tmp_path, session_env, corpus, reference_runs):
+    """slurm/train-multinode.sbatch with two tasks on this one node standing in for two nodes."""
+    if not cluster_is_up():
+        pytest.skip("no SLURM cluster here: run tests/slurm/start_cluster.sh (as root) first")
+    from test_multiprocess import TWO_RANKS
+
+    # Two processes share the 2 cores: more than one 1-minute allocation.
+    flags = tiny_flags(corpus, max_train_samples=200, max_steps=1500, save_steps=500, logging_steps=250)
+    reference = reference_runs(flags, launcher=TWO_RANKS)  # the same two processes on one machine
+    output_dir, log = tmp_path / "run", tmp_path / "job.log"
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--time=1", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", f"--output={log}",
+         f"--chdir={REPO}", "--signal=B:USR1@30", str(REPO / "slurm" / "train-multinode.sbatch"), "--output_dir", str(output_dir), *flags],
+        env={**session_env, "MAIN_PROCESS_IP": "127.0.0.1"}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    job_id = submitted.stdout.strip().split(";")[0]
+    try:
+        live = wait_for_the_end(job_id, output_dir)
+        text = log.read_text()
+        assert live.get("training_complete"), text[-3000:]
+    finally:
+        subprocess.run(["scancel", job_id])
+    assert "2 machine(s) x 1 process(es)" in text and "on 2 machines" in text, text[-3000:]
+    assert "requeueing job" in text and "run 2:" in text, text[-3000:]
+    assert "Saved checkpoint-" in text and ("(SIGUSR1" in text or "(deadline" in text)
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
