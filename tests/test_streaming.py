@@ -1,0 +1,77 @@
+"""--streaming: killed with SIGKILL at arbitrary moments and resumed, the result must not change."""
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import HARNESS, REPO, Training, file_digest, tiny_flags, train, write_corpus
+
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+TWO_RANKS = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_config.yaml"), "--multi_gpu", "--num_processes", "2", str(HARNESS)]
+STEPS = 60
+
+pytestmark = pytest.mark.slow  # each test starts the program six times (~2 min on a loaded 2-core machine)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Three small text files (~2.5 KB each): 60 steps cross epochs, whose file orders differ."""
+    folder = tmp_path_factory.mktemp("shards")
+    for index in range(3):
+        write_corpus(folder / f"part-{index}.txt", lines=40, seed=index)
+    return folder / "part-*.txt"
+
+
+def stream_flags(train_file, **overrides):
+    # 32-token blocks, buffer of 64: ~16k blocks per epoch over the ranks; 60 steps of 4 x 2 micro-batches.
+    return tiny_flags(train_file, streaming=True, shuffle_buffer_size=64, max_steps=STEPS, save_steps=7,
+                      gradient_accumulation_steps=2, **overrides)  # fmt: skip
+
+
+def read_batches(prefix: Path, rank: int) -> list[tuple[int, str]]:
+    """(step, digests of its micro-batches) in the order trained; after a kill, steps since the checkpoint come again."""
+    return [(int(step), digests) for step, digests in (line.split("\t") for line in Path(f"{prefix}.rank{rank}").read_text().splitlines())]
+
+
+def kill_resume_and_compare(tmp_path, env, flags, launcher=None, ranks=1, resumed_flags=None):
+    reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    record = lambda name: {"HARNESS_RECORD_BATCHES": str(tmp_path / name)}  # noqa: E731
+    reference = train(env, reference_dir, flags, launcher=launcher, harness_env=record("reference"))
+    assert reference.returncode == 0, reference.stdout[-2000:] + reference.stderr[-2000:]
+
+    resumed_from = []
+    for kill_after_step in (10, 30, 30, 45):  # the third kill lands right after a resume (a second resume at once)
+        run = Training(env, run_dir, resumed_flags or flags, launcher=launcher, harness_env=record("run"))
+        match = run.wait_for(r"(✅ Resumed from checkpoint \(step (\d+)|🆕 Starting new training)")
+        resumed_from.append(int(match.group(2) or 0))
+        if kill_after_step > resumed_from[-1]:
+            run.wait_for(rf"step {kill_after_step}/{STEPS}")
+        run.signal_group(signal.SIGKILL)
+        run.finish()
+    final = train(env, run_dir, resumed_flags or flags, launcher=launcher, harness_env=record("run"))
+    assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
+    assert resumed_from[0] == 0 and all(step > 0 for step in resumed_from[1:]), resumed_from
+
+    assert file_digest(run_dir / "model.safetensors") == file_digest(reference_dir / "model.safetensors")
+    assert json.loads((run_dir / "trainer_state.json").read_text())["epoch"] > 1  # crossed an epoch boundary
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    assert history == json.loads((reference_dir / "trainer_state.json").read_text())["log_history"]
+    for rank in range(ranks):
+        expected = dict(read_batches(tmp_path / "reference", rank))
+        assert sorted(expected) == list(range(1, STEPS + 1))
+        trained = read_batches(tmp_path / "run", rank)
+        assert {step for step, _ in trained} == set(expected)
+        assert [(step, digests) for step, digests in trained if digests != expected[step]] == []  # every attempt of every step
+    return reference_dir, run_dir
+
+
+def test_one_rank_killed_at_arbitrary_moments_ends_byte_identical(tmp_path, session_env, shards):
+    kill_resume_and_compare(tmp_path, session_env, stream_flags(shards))
+
+
+def test_two_workers_killed_and_resumed_give_the_zero_worker_result(tmp_path, session_env, shards):
+    # The reference reads with no worker; the killed runs tokenize in 2 worker processes.
+    kill_resume_and_compare(tmp_path, session_env, stream_flags(shards), resumed_flags=stream_flags(shards, dataloader_num_workers=2))
