@@ -26,9 +26,9 @@ def shards(tmp_path_factory):
 
 
 def stream_flags(train_file, **overrides):
-    # 32-token blocks, buffer of 64: ~16k blocks per epoch over the ranks; 60 steps of 4 x 2 micro-batches.
-    return tiny_flags(train_file, streaming=True, shuffle_buffer_size=64, max_steps=STEPS, save_steps=7,
-                      gradient_accumulation_steps=2, **overrides)  # fmt: skip
+    # 32-token blocks (~200 an epoch), buffer of 64, steps of 2 micro-batches of 4: 60 steps cross epochs.
+    flags = dict(streaming=True, shuffle_buffer_size=64, max_steps=STEPS, save_steps=7, gradient_accumulation_steps=2)
+    return tiny_flags(train_file, **{**flags, **overrides})
 
 
 def read_batches(prefix: Path, rank: int) -> list[tuple[int, str]]:
@@ -75,3 +75,29 @@ def test_one_rank_killed_at_arbitrary_moments_ends_byte_identical(tmp_path, sess
 def test_two_workers_killed_and_resumed_give_the_zero_worker_result(tmp_path, session_env, shards):
     # The reference reads with no worker; the killed runs tokenize in 2 worker processes.
     kill_resume_and_compare(tmp_path, session_env, stream_flags(shards), resumed_flags=stream_flags(shards, dataloader_num_workers=2))
+
+
+def test_two_ranks_with_two_workers_killed_at_arbitrary_moments_end_byte_identical(tmp_path, session_env, shards):
+    # Reference: 2 ranks reading without workers; killed runs: 2 ranks with 2 tokenizing workers each.
+    reference, run = kill_resume_and_compare(
+        tmp_path, session_env, stream_flags(shards), launcher=TWO_RANKS, ranks=2,
+        resumed_flags=stream_flags(shards, dataloader_num_workers=2),
+    )  # fmt: skip
+    assert (run / "checkpoint-60" / "data_stream_1.safetensors").is_file()  # one stream snapshot per rank
+    batches = [dict(read_batches(tmp_path / "reference", rank)) for rank in (0, 1)]
+    assert all(batches[0][step] != batches[1][step] for step in batches[0])  # the ranks read different parts
+
+
+def test_resume_on_another_number_of_processes_is_refused_in_one_line(tmp_path, session_env, shards):
+    flags = stream_flags(shards, max_steps=14)
+    first = Training(session_env, tmp_path / "run", flags)
+    first.wait_for(r"Saved checkpoint-7")
+    first.signal_group(signal.SIGKILL)
+    first.finish()
+    code_file = tmp_path / "exit_code"
+    refused = train(session_env, tmp_path / "run", flags + ["--exit_code_file", str(code_file)], launcher=TWO_RANKS)
+    assert code_file.read_text().strip() == "2"
+    line = "error: --streaming: the checkpoint was written by 1 process(es), this run has 2"
+    assert refused.stderr.count(line) == 1, refused.stderr[-2000:]
+    assert "With --allow_config_change each of the 2 processes would start its part" in refused.stderr
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-7"]  # nothing lost
