@@ -4,12 +4,12 @@
 
 Writes the corpora into a temporary directory (deleted at the end; never committed), then:
 
-  resume      time from launch to the first trained step when resuming at 1 % and at 95 % of the
+  resume      (tiny test model, blocks of 64) time from launch to the first trained step when resuming at 1 % and at 95 % of the
               first epoch. The checkpoint is a real one (2 steps of training, shuffle buffer full); its
               data_stream_0.safetensors then gets the position of the line at 1 % or 95 % of the file
               and the manifest is rewritten (training through 95 % of 2 GB of bytes on a CPU is not
               feasible). What a resume does with the position is what is timed: nothing before it is read.
-  rss         peak RSS (VmHWM, the training process plus its workers' sum) of a run from launch to step
+  rss         (tiny test model, blocks of 64) peak RSS (VmHWM, the training process plus its workers' sum) of a run from launch to step
               --rss_steps on the small and the large corpus, same flags.
   throughput  steps/s of the same model (--config_name, default the built-in gpt2-small-byte) between
               step 10 and step --measured_steps: the pre-tokenized path on a --slice_megabytes slice of the
@@ -78,7 +78,7 @@ def forge_position(checkpoint: Path, corpus: Path, fraction: float) -> None:
 
 def bench_resume(args, corpus, scratch, env, tiny):
     base = scratch / "resume-base"
-    flags = ["--streaming", "--config_name", tiny, "--block_size", 128, "--per_device_train_batch_size", 8, "--save_total_limit", 1]
+    flags = ["--streaming", "--config_name", tiny, "--block_size", 64, "--per_device_train_batch_size", 8, "--save_total_limit", 1]
     run_until(command(corpus, base, *flags, "--max_steps", 2, "--save_steps", 2), env, lambda l: l.startswith("🏁"), timeout=1800, cwd=REPO)
     times = {0.01: [], 0.95: []}
     for fraction in times:
@@ -128,7 +128,7 @@ def bench_rss(args, corpora, scratch, env, tiny):
     for name, (corpus, rows) in corpora.items():
         row = []
         for workers in (0, args.workers):
-            flags = ["--streaming", "--config_name", tiny, "--block_size", 128, "--per_device_train_batch_size", 8,
+            flags = ["--streaming", "--config_name", tiny, "--block_size", 64, "--per_device_train_batch_size", 8,
                      "--max_steps", 10**6, "--save_steps", 10**6, "--logging_steps", 10, "--dataloader_num_workers", workers]  # fmt: skip
             row.append(run_measuring_rss(command(corpus, scratch / f"rss-{name}-{workers}", *flags), env, args.rss_steps))
         results[name] = row
@@ -142,7 +142,7 @@ def bench_throughput(args, corpus, scratch, env):
     with open(corpus, "rb") as source, open(piece, "wb") as target:
         target.write(source.read(int(args.slice_megabytes * 1e6)))
         target.write(source.readline())
-    common = ["--config_name", args.config_name, "--block_size", 128, "--per_device_train_batch_size", 8,
+    common = ["--config_name", args.config_name, "--block_size", args.block_size, "--per_device_train_batch_size", 8,
               "--max_steps", 10**6, "--save_steps", 10**6, "--logging_steps", 5]  # fmt: skip
     variants = {
         "pre-tokenized (map-style, cached)": (piece, []),
@@ -163,7 +163,7 @@ def bench_throughput(args, corpus, scratch, env):
     print(f"\n| data path | steps/s (median) | tokens/s | vs pre-tokenized | each run (steps/s) |\n|---|---|---|---|---|")
     for name, each in rates.items():
         median = statistics.median(each)
-        print(f"| {name} | {median:.3f} | {median * 8 * 128:,.0f} | {median / reference:.3f}x | {', '.join(f'{r:.3f}' for r in each)} |")
+        print(f"| {name} | {median:.3f} | {median * 8 * args.block_size:,.0f} | {median / reference:.3f}x | {', '.join(f'{r:.3f}' for r in each)} |")
 
 
 def bench_trainer_skip(args, corpus, env):
@@ -207,7 +207,8 @@ def main(argv=None) -> int:
     parser.add_argument("--measured_steps", type=int, default=60)
     parser.add_argument("--slice_megabytes", type=float, default=20)
     parser.add_argument("--trainer_seconds", type=float, default=30)
-    parser.add_argument("--config_name", default=str(REPO / "configs" / "gpt2-small-byte.json"))
+    parser.add_argument("--config_name", default=str(REPO / "configs" / "gpt2-small-byte.json"), help="the throughput part's model")
+    parser.add_argument("--block_size", type=int, default=128, help="the throughput part's (resume and rss: the tiny test model, 64)")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
     tiny = str(REPO / "tests" / "tiny-gpt2.json")
