@@ -55,7 +55,6 @@ from data import DataError, data_builder_for
 
 CHUNK_BYTES = 128 << 10  # rows handed to a tokenizing worker at a time: ~128 KiB of text
 CHUNK_ROWS = 4096  # parquet rows per chunk
-DEFAULT_SHUFFLE_BUFFER = 10_000
 
 
 def expand_train_files(pattern: str) -> list[str]:
@@ -145,10 +144,14 @@ def tokenize_chunk(tokenizer, spec: dict, payload):
 
 
 class FilePart:
-    """Rank r's part of one file: [start, end) in bytes (text formats) or rows (parquet)."""
+    """Rank r's part of one file: [start, end) in bytes (text formats) or rows (parquet).
 
-    def __init__(self, path: str, kind: str, rank: int, world_size: int, csv_header_end: int = 0):
+    `columns` (text, then label or None) are read from parquet files; text formats hand out raw lines.
+    """
+
+    def __init__(self, path: str, kind: str, rank: int, world_size: int, columns: tuple, csv_header_end: int = 0):
         self.path, self.kind = path, kind
+        self.text_column, self.label_column = columns
         if kind == "parquet":
             import pyarrow.parquet as pq
 
@@ -243,24 +246,24 @@ class TrainingStream:
         self.rng = np.random.Generator(np.random.PCG64([config.seed, rank]))
 
     def _part(self, path: str) -> FilePart:
-        header_end = 0
+        header_end, names = 0, None
         if self.kind == "csv":
             with open(path, "rb") as handle:
                 header = handle.readline()
             header_end = len(header)
             names = next(csv.reader([header.decode("utf-8")]))
-            if self.spec["csv_header"] is None:
-                self.spec["csv_header"] = names
-            missing = [c for c in self._needed_columns() if c not in names]
-            if missing:
-                raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(names)}); check --text_column / --label_column")
-        part = FilePart(path, self.kind, self.rank, self.world_size, header_end)
-        part.text_column = self.config.text_column
-        part.label_column = self.config.label_column if self.config.task == "sequence-classification" else None
-        return part
+            if self.spec["csv_header"] not in (None, names):  # rows are parsed with one header for all files
+                raise DataError(f"{path}: its csv header differs from {self.files[0]}'s; with --streaming every file needs the same columns in the same order")
+            self.spec["csv_header"] = names
+        elif self.kind == "parquet":
+            import pyarrow.parquet as pq
 
-    def _needed_columns(self) -> list:
-        return [self.config.text_column] + ([self.config.label_column] if self.config.task == "sequence-classification" else [])
+            names = pq.read_schema(path).names
+        columns = (self.config.text_column, self.config.label_column if self.config.task == "sequence-classification" else None)
+        missing = [column for column in columns if column and names is not None and column not in names]
+        if missing:
+            raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(names)}); check --text_column / --label_column")
+        return FilePart(path, self.kind, self.rank, self.world_size, columns, header_end)
 
     # ---- position
     def file_order(self, epoch: int) -> list[int]:
@@ -464,8 +467,7 @@ def stream_label_names(files: list[str], config) -> list:
             with open(path, "rb") as handle:
                 header = handle.readline()
             header_end, spec["csv_header"] = len(header), next(csv.reader([header.decode("utf-8")]))
-        part = FilePart(path, spec["kind"], 0, 1, header_end)
-        part.text_column, part.label_column = config.text_column, config.label_column
+        part = FilePart(path, spec["kind"], 0, 1, (config.text_column, config.label_column), header_end)
         for _, payload in part.chunks(None):
             names.update(rows_of(spec, payload)[1])
     if None in names:

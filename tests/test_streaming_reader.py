@@ -46,8 +46,7 @@ def test_ranks_read_disjoint_parts_that_cover_every_row(tmp_path, kind, world_si
     header_end = len(path.open("rb").readline()) if kind == "csv" else 0
     read = []
     for rank in range(world_size):
-        part = streaming.FilePart(str(path), spec["kind"], rank, world_size, header_end)
-        part.text_column, part.label_column = "text", ("label" if kind != "txt" else None)
+        part = streaming.FilePart(str(path), spec["kind"], rank, world_size, ("text", "label" if kind != "txt" else None), header_end)
         for _, payload in part.chunks(None):
             read += streaming.rows_of({**spec, "task": "causal-lm" if kind == "txt" else spec["task"]}, payload)[0]
     assert read == ROWS  # each row once, in file order rank after rank
@@ -99,3 +98,10 @@ def test_streaming_without_max_steps_is_refused_in_one_line(tmp_path, session_en
     result = train(session_env, tmp_path / "run", tiny_flags(path, streaming=True, max_steps=None))
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --streaming needs --max_steps: a stream has no known length"
+
+
+def test_a_missing_column_is_named(tmp_path):
+    path = write(tmp_path, "parquet")
+    config = TrainingConfig(train_file=str(path), streaming=True, max_steps=10, text_column="body")
+    with pytest.raises(streaming.DataError, match="no column 'body' \\(columns: text, label\\)"):
+        streaming.TrainingStream(config, ByteTokenizer(), [str(path)], 0, 1, 4, "cpu")
