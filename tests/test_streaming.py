@@ -101,3 +101,27 @@ def test_resume_on_another_number_of_processes_is_refused_in_one_line(tmp_path, 
     assert refused.stderr.count(line) == 1, refused.stderr[-2000:]
     assert "With --allow_config_change each of the 2 processes would start its part" in refused.stderr
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-7"]  # nothing lost
+
+
+def test_ctrl_c_with_workers_stops_with_a_checkpoint_and_no_worker_traceback(tmp_path, session_env, shards):
+    flags = stream_flags(shards, dataloader_num_workers=2)
+    run = Training(session_env, tmp_path / "run", flags)
+    run.wait_for(r"step 10/")
+    run.signal_group(signal.SIGINT)  # a terminal's Ctrl+C reaches the workers too
+    assert run.finish() == 75
+    assert "🛑 Stopping at step" in run.text and "Traceback" not in run.text and "KeyboardInterrupt" not in run.text
+    resumed = train(session_env, tmp_path / "run", flags)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+
+
+def test_allow_config_change_on_another_number_of_processes_restarts_the_epoch(tmp_path, session_env, shards):
+    flags = stream_flags(shards, max_steps=20)
+    first = Training(session_env, tmp_path / "run", flags)
+    first.wait_for(r"Saved checkpoint-14")
+    first.signal_group(signal.SIGKILL)
+    first.finish()
+    resumed = train(session_env, tmp_path / "run", flags + ["--allow_config_change"], launcher=TWO_RANKS)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "--allow_config_change: 1 → 2 processes; each of the 2 processes would start its part" in resumed.stdout
+    assert "world size 1 → 2: gradient accumulation 2 → 1, global batch 8 unchanged" in resumed.stdout
+    assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["global_step"] == 20
