@@ -241,7 +241,7 @@ class TrainingStream:
         self.collate = Collator(config.task, tokenizer.pad_token_id)
         self.workers = config.dataloader_num_workers
         self._executor = None
-        self._orders = {}  # the current epoch's file order
+        self._orders = {}  # epoch -> file order, for the current and the next epoch
         self._reset_position(epoch=0)
         self.rng = np.random.Generator(np.random.PCG64([config.seed, rank]))
 
@@ -269,7 +269,9 @@ class TrainingStream:
     def file_order(self, epoch: int) -> list[int]:
         """The files' order in `epoch`: the same on every rank, a function of (--seed, epoch)."""
         if epoch not in self._orders:
-            self._orders = {epoch: [int(i) for i in np.random.default_rng([self.config.seed, epoch]).permutation(len(self.files))]}
+            self._orders[epoch] = [int(i) for i in np.random.default_rng([self.config.seed, epoch]).permutation(len(self.files))]
+            for old in [e for e in self._orders if e < epoch - 1]:  # the reader may be an epoch ahead of the packer
+                del self._orders[old]
         return self._orders[epoch]
 
     def _reset_position(self, epoch: int) -> None:

@@ -160,7 +160,7 @@ def bench_throughput(args, corpus, scratch, env):
             times = step_times(lines)
             rates[name].append((args.measured_steps - 10) / (times[args.measured_steps] - times[10]))
     reference = statistics.median(rates["pre-tokenized (map-style, cached)"])
-    print(f"\n| data path | steps/s (median) | tokens/s | vs pre-tokenized | each run (steps/s) |\n|---|---|---|---|---|")
+    print("\n| data path | steps/s (median) | tokens/s | vs pre-tokenized | each run (steps/s) |\n|---|---|---|---|---|")
     for name, each in rates.items():
         median = statistics.median(each)
         print(f"| {name} | {median:.3f} | {median * 8 * args.block_size:,.0f} | {median / reference:.3f}x | {', '.join(f'{r:.3f}' for r in each)} |")
@@ -190,7 +190,7 @@ print(count / (time.perf_counter() - started))
     rate = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
     blocks_per_epoch = corpus.stat().st_size / 128  # ByT5: one token per byte (the JSON quoting aside)
     skip_seconds = 0.95 * blocks_per_epoch / rate
-    print(f"\n| HF Trainer on the same stream | value |\n|---|---|")
+    print("\n| HF Trainer on the same stream | value |\n|---|---|")
     print(f"| skip rate measured ({args.trainer_seconds} s, datasets streaming json → tokenize → blocks → DataLoader) | {rate:,.0f} blocks/s |")
     print(f"| blocks in one epoch (~bytes / 128) | {blocks_per_epoch:,.0f} |")
     print(f"| estimated resume at 95 % of epoch 1 | {skip_seconds:,.0f} s ({skip_seconds / 3600:.1f} h) before the first step |")

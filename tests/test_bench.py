@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, TINY_MODEL, write_corpus
 
 
@@ -65,3 +67,12 @@ def test_interval_advice_measures_saves_and_steps_of_a_real_run(session_env, tmp
     between_saves = [float(row[1].split()[0]) * (60 if row[1].endswith("min") else 1) for row in rows]
     assert 0 < between_saves[0] < between_saves[1] < between_saves[2]
     assert all(number(row[2]) >= 0 for row in rows)
+
+
+@pytest.mark.slow
+def test_streaming_benchmark_resumes_at_1_and_95_percent_and_estimates_the_trainer(session_env):
+    rows = run_bench(session_env, "streaming.py", "--parts", "resume,trainer", "--gigabytes", 0.003, "--repeats", 1, "--trainer_seconds", 2)
+    by_name = {row[0]: row for row in rows}
+    # The benchmark itself checks that each resume's first progress line shows epoch 0.01 / 0.95.
+    assert number(by_name["1% of epoch 1"][1]) > 0 and number(by_name["95% of epoch 1"][1]) > 0 and number(by_name["95% / 1%"][1]) > 0
+    assert any(row[0].startswith("estimated resume at 95 %") for row in rows)

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import state  # noqa: E402
 import streaming  # noqa: E402
 from config import TrainingConfig  # noqa: E402
-from conftest import TINY_MODEL, tiny_flags, train  # noqa: E402
+from conftest import tiny_flags, train  # noqa: E402
 
 ROWS = [f"row {i} " + "word " * (i % 7) for i in range(500)]
 LABELS = ["neg" if i % 3 else "pos" for i in range(500)]
