@@ -44,7 +44,9 @@ class TrainingConfig:
     model_module: str = flag(None, "your own model: a .py file defining build_model(vocab_size, block_size) -> torch.nn.Module (see examples/)")
     tokenizer_name: str = flag(None, "tokenizer directory or hub id; default: the model's, else a byte-level one (no download)")
     task: str = flag("causal-lm", "causal-lm or sequence-classification")
-    train_file: str = flag(None, "training data: .txt, .json/.jsonl, .csv or .parquet")
+    train_file: str = flag(None, "training data: .txt, .json/.jsonl, .csv or .parquet (with --streaming also a glob of many)")
+    streaming: bool = flag(False, "read --train_file lazily, tokenizing on the fly: for corpora bigger than memory (needs --max_steps)")
+    shuffle_buffer_size: int = flag(10_000, "--streaming: examples in the seeded shuffle buffer (0 or 1: stream order)")
     text_column: str = flag("text", "the column of --train_file or --dataset_name that holds the text")
     label_column: str = flag("label", "sequence classification: the column with the labels (integers or strings)")
     validation_file: str = flag(None, "evaluation data, same format as --train_file")
@@ -140,9 +142,11 @@ class TrainingConfig:
                 raise UsageError(f"--report_to {name}: the {name} package is not installed; pip install {name}")
         if self.train_file and self.dataset_name:
             raise UsageError("give either --train_file or --dataset_name, not both")
-        if self.train_file and not Path(self.train_file).is_file():
+        if self.streaming:
+            self._validate_streaming()
+        elif self.train_file and not Path(self.train_file).is_file():
             raise UsageError(f"--train_file {self.train_file}: no such file")
-        if self.train_file and data_builder_for(self.train_file) is None:
+        elif self.train_file and data_builder_for(self.train_file) is None:
             raise UsageError(f"--train_file {self.train_file}: use a .txt, .json, .jsonl, .csv or .parquet file")
         if self.config_name and not Path(self.config_name).exists():
             raise UsageError(f"--config_name {self.config_name}: no such file or directory")
@@ -154,6 +158,25 @@ class TrainingConfig:
             raise UsageError(f"--output_dir {self.output_dir} is not writable ({existing} is read-only); choose another")
         if self.resume_from_checkpoint not in ("auto", "none") and not Path(self.resume_from_checkpoint).is_dir():
             raise UsageError(f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such checkpoint directory")
+
+    def _validate_streaming(self) -> None:
+        from streaming import expand_train_files
+
+        if self.max_steps <= 0:
+            raise UsageError("--streaming needs --max_steps: a stream has no known length")
+        if not self.train_file:
+            raise UsageError("--streaming reads local files: give --train_file (a file or a glob); --dataset_name streaming is not supported")
+        files = expand_train_files(self.train_file)
+        if not files:
+            raise UsageError(f"--train_file {self.train_file}: no such file, and no file matches it as a glob")
+        kinds = {data_builder_for(path) for path in files}
+        if None in kinds or len(kinds) > 1:
+            raise UsageError(f"--train_file {self.train_file}: with --streaming, all files must be of one kind: .txt, .json/.jsonl (JSON Lines), .csv or .parquet")
+        for name in ("max_train_samples", "validation_split_percentage"):
+            if getattr(self, name) is not None:
+                raise UsageError(f"--{name} needs the whole data set in memory; with --streaming, use --max_steps and --validation_file")
+        if self.shuffle_buffer_size < 0:
+            raise UsageError(f"--shuffle_buffer_size must not be negative (got {self.shuffle_buffer_size})")
 
     def result_defining_args(self) -> dict:
         """The flags as recorded in a checkpoint: all but those that only steer this one start."""

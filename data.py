@@ -202,10 +202,12 @@ def make_dataloaders(config, train_data, eval_data, tokenizer, per_device_batch:
     import torch
 
     collate = Collator(config.task, tokenizer.pad_token_id)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_data, batch_size=per_device_batch, shuffle=True, drop_last=True,
-        collate_fn=collate, num_workers=config.dataloader_num_workers,
-    )  # fmt: skip
+    train_dataloader = None  # --streaming: streaming.TrainingStream instead
+    if train_data is not None:
+        train_dataloader = torch.utils.data.DataLoader(
+            train_data, batch_size=per_device_batch, shuffle=True, drop_last=True,
+            collate_fn=collate, num_workers=config.dataloader_num_workers,
+        )  # fmt: skip
     eval_dataloader = None
     if eval_data is not None:
         eval_dataloader = torch.utils.data.DataLoader(eval_data, batch_size=config.per_device_eval_batch_size, collate_fn=collate)

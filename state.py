@@ -106,9 +106,13 @@ class TrainingState:
     best_model_checkpoint: str | None = None
     # The W&B / MLflow run ids (--report_to), so that every resume re-attaches to the same run.
     tracker_runs: dict = dataclasses.field(default_factory=dict)
+    # --streaming: epochs read by the main process's stream (a stream has no steps_per_epoch).
+    stream_epoch: float | None = None
 
     @property
     def epoch(self) -> float:
+        if self.stream_epoch is not None:
+            return self.stream_epoch
         return self.global_step / self.steps_per_epoch if self.steps_per_epoch else 0.0
 
     @property
@@ -736,3 +740,43 @@ class OutputDirLock:
                 return handle.read().strip() or "an unknown process"
             fcntl.flock(handle, fcntl.LOCK_UN)
             return None
+
+
+# --------------------------------------------------------------------------- --streaming: each rank's stream position
+
+DATA_STREAM_PATTERN = "data_stream_{rank}.safetensors"
+
+
+def save_data_stream_state(directory: Path, rank: int, arrays: dict, metadata: dict) -> None:
+    """Write this rank's stream snapshot (streaming.TrainingStream.state_dict) and fsync it.
+
+    Arrays (the shuffle buffer, the packing remainder) as safetensors; the position and the
+    generator's state as readable JSON in the file's metadata. Called inside save_state on every rank.
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(directory) / DATA_STREAM_PATTERN.format(rank=rank)
+    save_file({name: np.ascontiguousarray(array) for name, array in arrays.items()}, str(path), metadata={"stream": json.dumps(metadata)})
+    _fsync_path(path)
+
+
+def read_data_stream_metadata(directory: Path, rank: int) -> dict:
+    """The JSON part of a rank's stream snapshot; CheckpointError naming the file if it cannot be read."""
+    from safetensors import safe_open
+
+    path = Path(directory) / DATA_STREAM_PATTERN.format(rank=rank)
+    try:
+        with safe_open(str(path), "np") as handle:
+            return json.loads(handle.metadata()["stream"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.name}: missing (was this checkpoint written without --streaming?)") from None
+    except Exception as error:  # safetensors raises its own SafetensorError; JSON and KeyError for a wrong file
+        raise CheckpointError(f"{path.name}: unreadable ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+
+
+def load_data_stream_state(directory: Path, rank: int) -> tuple[dict, dict]:
+    """(arrays, metadata) of a rank's stream snapshot, read strictly."""
+    from safetensors.numpy import load_file
+
+    metadata = read_data_stream_metadata(directory, rank)
+    return load_file(str(Path(directory) / DATA_STREAM_PATTERN.format(rank=rank))), metadata

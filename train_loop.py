@@ -32,6 +32,7 @@ from pathlib import Path
 
 import resume
 import state
+import streaming
 from config import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, TrainingConfig, UsageError, compare_with_checkpoint, parse_config, parse_duration
 from data import DataError, input_identities, make_dataloaders, prepare_datasets
 from evaluation import evaluate, is_better
@@ -56,7 +57,12 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
 
     # ---- data and model: every bad input is found here, before anything is written
     tokenizer = build_tokenizer(config)
-    train_data, eval_data, label_names = prepare_datasets(config, tokenizer, accelerator)
+    if config.streaming:  # read lazily while training (streaming.py); only the evaluation data is loaded here
+        train_files = streaming.expand_train_files(config.train_file)
+        label_names = streaming.stream_label_names(train_files, config) if config.task == "sequence-classification" else None
+        train_data, eval_data = None, streaming.validation_data(config, tokenizer, accelerator, label_names)
+    else:
+        train_data, eval_data, label_names = prepare_datasets(config, tokenizer, accelerator)
     set_seed(config.seed)
     model = build_model(config, tokenizer, label_names)
 
@@ -68,15 +74,25 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         return decision.exit_code
     for note in decision.notes:
         say(note)
+    if config.streaming and (note := streaming.check_world_size(decision.checkpoint_state, world_size, config.allow_config_change)):
+        say(note)
     batches = resume.plan_batches(config, world_size, decision.checkpoint_state)
     if batches.note:
         say(batches.note)
 
     # ---- batches, optimizer, schedule
-    steps_per_epoch = len(train_data) // batches.global_batch
-    if steps_per_epoch == 0:
-        raise UsageError(f"the training data has {len(train_data)} blocks, fewer than one global batch of {batches.global_batch}; use more data or a smaller --per_device_train_batch_size")
-    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+    stream = None
+    if config.streaming:  # no known length: --max_steps is required, the stream counts its own epochs
+        steps_per_epoch, total_steps = 0, config.max_steps
+        stream = streaming.TrainingStream(config, tokenizer, train_files, accelerator.process_index, world_size, batches.per_device, accelerator.device, label_names)
+        stream.attach(accelerator)  # its position is saved and loaded inside save_state / load_state
+        data_fingerprint = streaming.stream_identity(train_files) + f":shuffle_buffer_size={config.shuffle_buffer_size}"
+    else:
+        steps_per_epoch = len(train_data) // batches.global_batch
+        if steps_per_epoch == 0:
+            raise UsageError(f"the training data has {len(train_data)} blocks, fewer than one global batch of {batches.global_batch}; use more data or a smaller --per_device_train_batch_size")
+        total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+        data_fingerprint = train_data._fingerprint
     train_dataloader, eval_dataloader = make_dataloaders(config, train_data, eval_data, tokenizer, batches.per_device)
     optimizer = build_optimizer(model, config)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
@@ -87,7 +103,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     run_args = {
         **config.result_defining_args(), "model_config": model_identity(config), **input_identities(config, tokenizer),
         "world_size": world_size, "global_batch_size": batches.global_batch, "gradient_accumulation_steps": batches.accumulation,
-        "data_fingerprint": train_data._fingerprint, "train_samples": len(train_data),
+        "data_fingerprint": data_fingerprint, "train_samples": None if stream else len(train_data),
     }  # fmt: skip
 
     # ---- resume
@@ -103,6 +119,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
             say(note)
         say(f"🔄 Found checkpoint: {Path(decision.checkpoint).name}")
         log_history = resume.restore(accelerator, decision.checkpoint, progress)
+        progress.stream_epoch = stream.epoch if stream else None
         say(f"✅ Resumed from checkpoint (step {progress.global_step}, epoch {progress.epoch:.2f})")
         if progress.global_step >= total_steps:
             say(f"✅ Training is already complete ({progress.global_step} of {total_steps} steps); nothing to do")
@@ -123,11 +140,16 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         return stop_early(accelerator, stopping, saver, log, progress)
     step_began = time.monotonic()
     while progress.global_step < total_steps:
-        epoch, steps_done_in_epoch = divmod(progress.global_step, steps_per_epoch)
-        steps_to_take = min(steps_per_epoch - steps_done_in_epoch, total_steps - progress.global_step)
-        for micro_batches in optimizer_steps_of_epoch(train_dataloader, epoch, steps_done_in_epoch, steps_to_take, batches.accumulation):
+        if stream:  # one endless pass; the stream resumed at its saved position
+            steps = stream.optimizer_steps(total_steps - progress.global_step, batches.accumulation)
+        else:
+            epoch, steps_done_in_epoch = divmod(progress.global_step, steps_per_epoch)
+            steps_to_take = min(steps_per_epoch - steps_done_in_epoch, total_steps - progress.global_step)
+            steps = optimizer_steps_of_epoch(train_dataloader, epoch, steps_done_in_epoch, steps_to_take, batches.accumulation)
+        for micro_batches in steps:
             loss = train_step(accelerator, model, optimizer, scheduler, micro_batches, config.max_grad_norm)
             progress.global_step += 1
+            progress.stream_epoch = stream.epoch if stream else None
             log.add_step(loss)
             now = time.monotonic()
             deadline.step_seconds, step_began = now - step_began, now
@@ -151,6 +173,8 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
                 saver.save(progress, "final step" if last_step else "every --save_steps")
     stopping.settle()
     log.bar.close()
+    if stream:
+        stream.close()
 
     # ---- the end: the final model, loadable with from_pretrained (or load_own_model for --model_module)
     saver.save(progress, "final step")

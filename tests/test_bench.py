@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, TINY_MODEL, write_corpus
 
 
@@ -74,3 +76,12 @@ def test_content_hash_benchmark_times_the_hash_and_a_cache_hit_costs_less(sessio
         "read only, from the page cache (no hash) (8 MiB)", "hash found in the cache file (8 MiB)",
     ]  # fmt: skip
     assert float(rows[3][1]) < float(rows[1][1])
+
+
+@pytest.mark.slow
+def test_streaming_benchmark_resumes_at_1_and_95_percent_and_estimates_the_trainer(session_env):
+    rows = run_bench(session_env, "streaming.py", "--parts", "resume,trainer", "--gigabytes", 0.003, "--repeats", 1, "--trainer_seconds", 2)
+    by_name = {row[0]: row for row in rows}
+    # The benchmark itself checks that each resume's first progress line shows epoch 0.01 / 0.95.
+    assert number(by_name["1% of epoch 1"][1]) > 0 and number(by_name["95% of epoch 1"][1]) > 0 and number(by_name["95% / 1%"][1]) > 0
+    assert any(row[0].startswith("estimated resume at 95 %") for row in rows)
