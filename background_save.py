@@ -188,7 +188,7 @@ def available_host_memory() -> int:
     return available if available is not None else 1 << 62
 
 
-def snapshot_fits(accelerator, needed: int) -> tuple[bool, int]:
+def snapshot_fits(needed: int) -> tuple[bool, int]:
     """(whether `needed` more bytes leave 10 % of the available memory free, the available bytes)."""
     available = available_host_memory()
     return needed <= 0.9 * available, available
@@ -252,6 +252,12 @@ class BackgroundSaver:
     @property
     def in_flight(self) -> bool:
         return self.save is not None
+
+    def snapshot_bytes(self) -> int:
+        return snapshot_bytes(self.accelerator)
+
+    def snapshot_fits(self, needed: int) -> tuple[bool, int]:
+        return snapshot_fits(needed)
 
     def start(self, model, output_dir: Path, progress, log_history: list, run_history: list, training_args: dict, reason: str, began: float) -> None:
         """Snapshot this step's state and start writing it. Every rank, with no save in flight (`wait` first).

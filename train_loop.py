@@ -30,7 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-import background_save
 import resume
 import state
 from config import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, TrainingConfig, UsageError, compare_with_checkpoint, parse_config, parse_duration
@@ -230,6 +229,8 @@ class CheckpointSaver:
         self.background = None
         self.memory_checked = False
         if config.async_save == "true":
+            import background_save  # imports torch: not before main() starts the --max_time clock
+
             reason = background_save.unsupported_reason(accelerator)
             if reason:
                 accelerator.print(f"⚠️  --async_save: not with {reason}; saving synchronously")
@@ -267,8 +268,8 @@ class CheckpointSaver:
         """Decided once, at the first save (the optimizer's state exists by then), by every rank together."""
         if not self.memory_checked:
             self.memory_checked = True
-            needed = background_save.snapshot_bytes(self.accelerator)
-            fits, available = background_save.snapshot_fits(self.accelerator, needed)
+            needed = self.background.snapshot_bytes()
+            fits, available = self.background.snapshot_fits(needed)
             if not fits:
                 print(f"⚠️  --async_save: a copy of the state needs {state.human_bytes(needed)} of host memory, "
                       f"{state.human_bytes(available)} is available; saving synchronously", flush=True)  # fmt: skip
