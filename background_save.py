@@ -39,11 +39,13 @@ which the next start removes.
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
 import os
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -77,26 +79,36 @@ class HostBuffers:
     def __init__(self):
         self.pinned = torch.cuda.is_available()
         self.buffers: list[torch.Tensor] = []  # one uint8 buffer per distinct storage, in visiting order
+        self.copiers = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="snapshot")
 
     def copy(self, tree):
-        """The same nested dicts/lists/tuples with every tensor replaced by a host copy of it."""
-        memo = {}  # (device, storage pointer) of a live storage -> the storage of its copy
-        order = iter(range(1 << 62))
-        return self._visit(tree, memo, order)
+        """The same nested dicts/lists/tuples with every tensor replaced by a host copy of it.
 
-    def _visit(self, item, memo, order):
+        Call it once per snapshot with everything in it: the buffers are assigned in visiting order.
+        """
+        memo = {}  # (device, storage pointer) of a live storage -> the storage of its copy
+        host_copies = []  # (destination, source, bytes) of the storages in host memory
+        copied = self._visit(tree, memo, iter(range(1 << 62)), host_copies)
+        # Plain memcpys, on a few threads (memmove releases the GIL): torch's copy_ would open a
+        # parallel region per tensor, and with the cores busy each region can wait a time slice.
+        list(self.copiers.map(lambda job: ctypes.memmove(*job), host_copies))
+        return copied
+
+    def _visit(self, item, memo, order, host_copies):
         if isinstance(item, torch.Tensor):
-            return self._copy_tensor(item, memo, order)
+            return self._copy_tensor(item, memo, order, host_copies)
         if isinstance(item, dict):
-            copied = type(item)((key, self._visit(value, memo, order)) for key, value in item.items())
+            copied = type(item)((key, self._visit(value, memo, order, host_copies)) for key, value in item.items())
             if hasattr(item, "_metadata"):  # a state dict's version record, pickled with it
                 copied._metadata = copy.deepcopy(item._metadata)
             return copied
         if isinstance(item, (list, tuple)) and type(item) in (list, tuple):
-            return type(item)(self._visit(value, memo, order) for value in item)
+            return type(item)(self._visit(value, memo, order, host_copies) for value in item)
+        if isinstance(item, (int, float, str, bool, type(None))):
+            return item  # immutable
         return copy.deepcopy(item)
 
-    def _copy_tensor(self, tensor: torch.Tensor, memo, order) -> torch.Tensor:
+    def _copy_tensor(self, tensor: torch.Tensor, memo, order, host_copies) -> torch.Tensor:
         tensor = tensor.detach()
         storage = tensor.untyped_storage()
         if storage.nbytes() == 0:
@@ -110,8 +122,11 @@ class HostBuffers:
             if buffer is None or buffer.numel() != storage.nbytes():
                 buffer = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=self.pinned)
                 self.buffers[index] = buffer
-            live_bytes = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
-            buffer.copy_(live_bytes, non_blocking=self.pinned and tensor.is_cuda)
+            if tensor.is_cuda:
+                live_bytes = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
+                buffer.copy_(live_bytes, non_blocking=True)  # into pinned memory; the writer waits for it
+            else:
+                host_copies.append((buffer.data_ptr(), storage.data_ptr(), storage.nbytes()))
             memo[key] = buffer.untyped_storage()
         # The copy keeps the live tensor's offset, shape and strides inside its (copied) storage.
         return torch.empty(0, dtype=tensor.dtype).set_(memo[key], tensor.storage_offset(), tensor.size(), tensor.stride())
@@ -276,7 +291,9 @@ class BackgroundSaver:
             save_accelerator_state(str(temporary), [], [], [], [], self.accelerator.process_index, self.accelerator.step, None)
         except (OSError, RuntimeError) as error:
             save.error = error
-        files = {name: (self.buffers.copy(obj), how) for name, (obj, how) in state_to_write(self.accelerator).items()}
+        live = state_to_write(self.accelerator)
+        copies = self.buffers.copy({name: obj for name, (obj, _) in live.items()})  # one call: buffers by visiting order
+        files = {name: (copies[name], how) for name, (_, how) in live.items()}
         copies_ready = None
         if self.buffers.pinned and torch.cuda.is_available():
             copies_ready = torch.cuda.Event()

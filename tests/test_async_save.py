@@ -143,3 +143,31 @@ def test_two_ranks_write_in_the_background_each_file_of_each_rank_before_the_ren
         state.verify_checkpoint(checkpoint)
         for file in (*SNAPSHOT_FILES, "random_states_1.pkl"):
             assert file_digest(checkpoint / file) == file_digest(reference / name / file), f"{name}/{file}"
+
+
+def test_host_buffers_copy_every_tensor_once_keep_tied_ones_tied_and_are_reused():
+    from collections import OrderedDict
+
+    import torch
+
+    from background_save import HostBuffers
+
+    weight = torch.randn(4, 3)
+    exp_avg = torch.randn(4, 3)  # the same size as the weight: must not share its buffer
+    live = {
+        "model": OrderedDict(wte=weight, lm_head=weight, bias=torch.randn(3)),
+        "optimizer": {"state": {0: {"step": torch.tensor(1.0), "exp_avg": exp_avg}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+    }
+    buffers = HostBuffers()
+    first = buffers.copy(live)
+    assert type(first["model"]) is OrderedDict
+    assert first["model"]["wte"].untyped_storage().data_ptr() == first["model"]["lm_head"].untyped_storage().data_ptr()
+    weight.add_(1)  # training goes on: the snapshot does not change
+    assert torch.equal(first["model"]["wte"], weight - 1) and torch.equal(first["optimizer"]["state"][0]["exp_avg"], exp_avg)
+
+    allocated = [buffer.data_ptr() for buffer in buffers.buffers]
+    second = buffers.copy(live)  # the next save, once the first was written: same buffers, new values
+    assert [buffer.data_ptr() for buffer in buffers.buffers] == allocated
+    assert torch.equal(second["model"]["wte"], weight) and torch.equal(second["model"]["bias"], live["model"]["bias"])
+    assert torch.equal(second["optimizer"]["state"][0]["exp_avg"], exp_avg)
+    assert second["optimizer"]["param_groups"] == live["optimizer"]["param_groups"]
