@@ -125,7 +125,7 @@ def measure_steps(args) -> None:
                     "none": [*shared, "--output_dir", str(scratch / f"none-{name}-{round_}"), "--save_steps", "100000"],
                 }  # fmt: skip
                 order = ["async", "none"] if round_ % 2 == 0 else ["none", "async"]  # swap cores each round
-                measured = side_by_side([runs[kind] for kind in order], env, first, last, min_overlap=10.0)
+                measured = side_by_side([runs[kind] for kind in order], env, first, last, min_overlap=args.min_overlap_seconds)
                 for kind, rate in zip(order, measured):
                     rates[kind].append(rate)
             ratios = [a / b for a, b in zip(rates["async"], rates["none"])]
@@ -146,6 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("--measured_steps", type=int, default=60)
     parser.add_argument("--logging_steps", type=int, default=5)
     parser.add_argument("--corpus_lines", type=int, default=20_000)
+    parser.add_argument("--min_overlap_seconds", type=float, default=10.0, help="refuse shorter common training times")
     args = parser.parse_args(argv)
     if args.what == "blocked":
         args.repeats = args.repeats or 5

@@ -172,3 +172,27 @@ def test_host_buffers_copy_every_tensor_once_keep_tied_ones_tied_and_are_reused(
     assert torch.equal(second["model"]["wte"], weight) and torch.equal(second["model"]["bias"], live["model"]["bias"])
     assert torch.equal(second["optimizer"]["state"][0]["exp_avg"], exp_avg)
     assert second["optimizer"]["param_groups"] == live["optimizer"]["param_groups"]
+
+
+@pytest.mark.slow
+def test_a_background_failure_on_one_rank_ends_every_rank_with_one_line(tmp_path, session_env, corpus):
+    flags = tiny_flags(corpus, **{**FLAGS, "max_steps": 21, "save_steps": 7}) + ASYNC
+    output_dir = tmp_path / "run"
+    run = Training(session_env, output_dir, flags, launcher=TWO_RANKS)
+    run.wait_for("Saved checkpoint-7")
+    run.signal_group()
+    run.finish()
+    before = file_digest(output_dir / "checkpoint-7" / "optimizer.bin")
+    largest = (output_dir / "checkpoint-7" / "optimizer.bin").stat().st_size
+
+    def small_file_limit():  # inherited by both ranks: the main process's optimizer.bin fails, rank 1's RNG file does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (largest // 2, largest // 2))
+
+    command = [*TWO_RANKS, "--output_dir", str(output_dir), *flags]
+    result = subprocess.run(command, env=session_env, capture_output=True, text=True, preexec_fn=small_file_limit, timeout=600)
+    assert result.returncode != 0
+    assert result.stderr.count("error: saving checkpoint-14 failed (") == 1, result.stderr[-3000:]
+    assert 'File "' + str(HARNESS.parent.parent / "train_loop.py") not in result.stderr
+    assert not list(output_dir.glob(".tmp-checkpoint-*"))
+    assert [p.name for p in state.list_checkpoints(output_dir)] == ["checkpoint-7"]
+    assert file_digest(output_dir / "checkpoint-7" / "optimizer.bin") == before

@@ -65,3 +65,12 @@ def test_interval_advice_measures_saves_and_steps_of_a_real_run(session_env, tmp
     between_saves = [float(row[1].split()[0]) * (60 if row[1].endswith("min") else 1) for row in rows]
     assert 0 < between_saves[0] < between_saves[1] < between_saves[2]
     assert all(number(row[2]) >= 0 for row in rows)
+
+
+def test_async_save_benchmark_compares_the_blocked_time_and_the_steps_per_second(session_env):
+    [row] = run_bench(session_env, "async_save.py", "blocked", "--models", "64x2", "--repeats", 1)
+    synchronous, blocked, written = number(row[2]), number(row[3]), number(row[5])
+    assert synchronous > 0 and 0 < blocked < written
+    [row] = run_bench(session_env, "async_save.py", "steps", "--models", "64x2", "--repeats", 1, "--measured_steps", 200,
+                      "--logging_steps", 5, "--corpus_lines", 1000, "--min_overlap_seconds", 0.5)  # fmt: skip
+    assert number(row[1]) > 0 and number(row[2]) > 0 and 0.2 < number(row[3].split()[0]) < 5
