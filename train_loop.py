@@ -252,7 +252,8 @@ class CheckpointSaver:
         began = time.monotonic()
         path = state.save_checkpoint(self.accelerator, self.model, output_dir, progress, self.log.history, self.log.run_history, self.run_args)
         self.saved_step = progress.global_step
-        self.saved(path, reason, f"{time.monotonic() - began:.2f}s", time.monotonic() - began)
+        seconds = time.monotonic() - began
+        self.saved(path, reason, f"{seconds:.2f}s", seconds)
 
     def poll(self) -> None:
         """At every step boundary, every rank: report a background save that became visible."""
