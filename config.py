@@ -78,6 +78,7 @@ class TrainingConfig:
     metric_for_best_model: str = flag(None, "keep the best checkpoint by this metric, e.g. eval_loss or eval_accuracy")
     greater_is_better: str = flag(None, "true if a larger --metric_for_best_model is better (default: false for losses)")
     load_best_model_at_end: bool = flag(False, "write the best checkpoint's model as the final model")
+    async_save: str = flag("false", "true: write checkpoints on a background thread while training goes on (one extra host copy of the state)")
     resume_from_checkpoint: str = flag("auto", "auto (newest valid in --output_dir), none (start fresh) or a path")
     allow_config_change: bool = flag(False, "resume even if flags that change the result differ from the checkpoint")
     ddp_timeout: int = flag(1800, "seconds a process waits for the others in a collective before it gives up on a dead or hung machine")
@@ -126,6 +127,8 @@ class TrainingConfig:
             raise UsageError("give either --validation_file or --validation_split_percentage, not both")
         if self.validation_split_percentage is not None and not 0 < self.validation_split_percentage < 100:
             raise UsageError(f"--validation_split_percentage must be between 1 and 99 (got {self.validation_split_percentage})")
+        if self.async_save not in ("true", "false"):
+            raise UsageError(f"--async_save takes true or false (got {self.async_save!r})")
         if self.greater_is_better not in (None, "true", "false", "True", "False"):
             raise UsageError(f"--greater_is_better takes true or false (got {self.greater_is_better!r})")
         if self.load_best_model_at_end and not (self.validation_file or self.validation_split_percentage or self.dataset_name):
@@ -180,7 +183,7 @@ class TrainingConfig:
 
     def result_defining_args(self) -> dict:
         """The flags as recorded in a checkpoint: all but those that only steer this one start."""
-        transient = ("exit_code_file", "resume_from_checkpoint", "allow_config_change", "output_dir", "ddp_timeout")
+        transient = ("exit_code_file", "resume_from_checkpoint", "allow_config_change", "output_dir", "ddp_timeout", "async_save")
         return {name: value for name, value in dataclasses.asdict(self).items() if name not in transient}
 
     @property

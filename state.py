@@ -5,6 +5,7 @@ checkpoint path itself:
 
     newest_valid_checkpoint(output_dir)   which checkpoint to resume from
     save_checkpoint(...)                  atomic, durable, all ranks take part
+    begin_checkpoint(...)                 its first step (free space, temporary directory), also for background_save.py
     load_checkpoint(...)                  model, optimizer, scheduler, RNG, progress
     rotate_checkpoints(...)               keep the newest K, only after a save; crash-safe deletion
     software_changes(...)                 which versions differ from the checkpoint's (one line each)
@@ -410,24 +411,8 @@ def save_checkpoint(
     earlier checkpoint is untouched; only a `.tmp-checkpoint-<step>` may be left, which
     `clean_leftovers` removes on the next start.
     """
-    output_dir = Path(output_dir)
-    final = output_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
-    temporary = output_dir / f"{TEMPORARY_PREFIX}{state.global_step}"
-
+    temporary, final = begin_checkpoint(accelerator, model, output_dir, state.global_step)
     error = None
-    if accelerator.is_main_process:
-        try:
-            check_free_space(output_dir, model)
-            shutil.rmtree(temporary, ignore_errors=True)
-            temporary.mkdir()
-        except (OSError, NotEnoughDiskSpace) as caught:
-            error = caught
-    # Every rank waits here so no rank writes its RNG file before the directory exists.
-    if not _all_ranks_succeeded(accelerator, error is None):
-        if isinstance(error, NotEnoughDiskSpace):
-            raise error
-        raise SaveFailed(f"could not start saving {final.name} ({error or 'on the main process'}); earlier checkpoints are untouched")
-
     try:
         accelerator.save_state(str(temporary))
         rng_file = temporary / RNG_FILE_PATTERN.format(rank=accelerator.process_index)
@@ -451,6 +436,30 @@ def save_checkpoint(
     if not _all_ranks_succeeded(accelerator, error is None):
         raise SaveFailed(f"saving {final.name} failed ({error or 'on the main process'}); earlier checkpoints are untouched")
     return final
+
+
+def begin_checkpoint(accelerator, model, output_dir: Path, global_step: int) -> tuple[Path, Path]:
+    """Check the free space and create an empty `.tmp-checkpoint-<step>`; (temporary, final). Every rank.
+
+    Raises NotEnoughDiskSpace or SaveFailed on every rank if the main process could not.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
+    temporary = output_dir / f"{TEMPORARY_PREFIX}{global_step}"
+    error = None
+    if accelerator.is_main_process:
+        try:
+            check_free_space(output_dir, model)
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir()
+        except (OSError, NotEnoughDiskSpace) as caught:
+            error = caught
+    # Every rank waits here so no rank writes its RNG file before the directory exists.
+    if not _all_ranks_succeeded(accelerator, error is None):
+        if isinstance(error, NotEnoughDiskSpace):
+            raise error
+        raise SaveFailed(f"could not start saving {final.name} ({error or 'on the main process'}); earlier checkpoints are untouched")
+    return temporary, final
 
 
 def _finish_checkpoint(temporary: Path, final: Path, state, log_history, run_history, training_args) -> None:

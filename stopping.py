@@ -130,11 +130,13 @@ class Deadline:
         self.at = min(limits) if limits else None
         self.save_seconds = estimated_save_seconds  # replaced by the measured time of each save
         self.step_seconds = 0.0
+        self.save_in_flight = False  # a background save (--async_save) the stop must wait for
 
     def reached(self, now: float) -> bool:
         if self.at is None:
             return False
-        margin = 1.5 * self.save_seconds + 3 * self.step_seconds + 2.0
+        saves_to_wait_for = 2 if self.save_in_flight else 1  # the one in flight, then the stop's own
+        margin = 1.5 * self.save_seconds * saves_to_wait_for + 3 * self.step_seconds + 2.0
         return now + margin >= self.at
 
     def describe(self) -> str:

@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 HARNESS = REPO / "tests" / "harness.py"
 TINY_MODEL = REPO / "tests" / "tiny-gpt2.json"
+# The existing guarantees hold with saves written in the background too; tests take this as a parameter.
+SAVE_MODES = pytest.mark.parametrize("save_mode", [["--async_save", "false"], ["--async_save", "true"]], ids=["sync", "async"])
 
 
 def write_corpus(path: Path, lines: int = 3000, seed: int = 0) -> Path:

@@ -6,6 +6,8 @@ Production code has no test switches; this wrapper patches it from the outside:
   HARNESS_KILL_IN_DELETE=STEP SIGKILL this process while rotation deletes checkpoint-STEP,
                               after two of its files are gone (manifest.json, model.safetensors)
   HARNESS_SLOW_SAVE=SECONDS   sleep this long inside every save, before the manifest is written
+  HARNESS_SLOW_WRITE=SECONDS  --async_save: sleep this long before the background writer writes each file
+  HARNESS_HOST_MEMORY=BYTES   --async_save: pretend this much host memory is available
   HARNESS_RECORD_BATCHES=FILE append "step<TAB>sha256 of each micro-batch" per optimizer step
   HARNESS_HIDE_PACKAGES=A,B   make these packages look not installed (e.g. wandb)
 """
@@ -62,6 +64,25 @@ if slow_save:
         return original_manifest(directory, global_step)
 
     state.write_manifest = slow_manifest
+
+slow_write = os.environ.get("HARNESS_SLOW_WRITE")
+if slow_write:
+    import background_save  # noqa: E402
+
+    original_write_file = background_save._write_file
+
+    def slow_write_file(obj, path, how):
+        print(f"harness: writing {path.name} of {path.parent.name}", flush=True)
+        time.sleep(float(slow_write))  # the loop trains on meanwhile
+        return original_write_file(obj, path, how)
+
+    background_save._write_file = slow_write_file
+
+host_memory = os.environ.get("HARNESS_HOST_MEMORY")
+if host_memory:
+    import background_save  # noqa: E402
+
+    background_save.available_host_memory = lambda: int(host_memory)
 
 record_file = os.environ.get("HARNESS_RECORD_BATCHES")
 if record_file:

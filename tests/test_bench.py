@@ -85,3 +85,12 @@ def test_streaming_benchmark_resumes_at_1_and_95_percent_and_estimates_the_train
     # The benchmark itself checks that each resume's first progress line shows epoch 0.01 / 0.95.
     assert number(by_name["1% of epoch 1"][1]) > 0 and number(by_name["95% of epoch 1"][1]) > 0 and number(by_name["95% / 1%"][1]) > 0
     assert any(row[0].startswith("estimated resume at 95 %") for row in rows)
+
+
+def test_async_save_benchmark_compares_the_blocked_time_and_the_steps_per_second(session_env):
+    [row] = run_bench(session_env, "async_save.py", "blocked", "--models", "64x2", "--repeats", 1)
+    synchronous, blocked, written = number(row[2]), number(row[3]), number(row[5])
+    assert synchronous > 0 and 0 < blocked < written
+    [row] = run_bench(session_env, "async_save.py", "steps", "--models", "64x2", "--repeats", 1, "--measured_steps", 200,
+                      "--logging_steps", 5, "--corpus_lines", 1000, "--min_overlap_seconds", 0.5)  # fmt: skip
+    assert number(row[1]) > 0 and number(row[2]) > 0 and 0.2 < number(row[3].split()[0]) < 5

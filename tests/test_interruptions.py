@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import state
-from conftest import REPO, Training, descendants, file_digest, tiny_flags, train
+from conftest import REPO, SAVE_MODES, Training, descendants, file_digest, tiny_flags, train
 from test_multiprocess import TWO_RANKS
 
 FLAGS = dict(max_train_samples=200, gradient_accumulation_steps=2, max_steps=120, save_steps=50)
@@ -20,12 +20,19 @@ def checkpoint_steps(output_dir):
     return sorted(int(p.name.split("-")[1]) for p in output_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
 
 
-@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=lambda n: signal.Signals(n).name)
-def test_signal_saves_at_the_next_step_exits_75_and_resume_is_exact(tmp_path, session_env, corpus, reference_runs, number):
+SYNC, ASYNC = ["--async_save", "false"], ["--async_save", "true"]
+
+
+@pytest.mark.parametrize(
+    "number, save_mode",
+    [(signal.SIGINT, SYNC), (signal.SIGTERM, SYNC), (signal.SIGUSR1, SYNC), (signal.SIGTERM, ASYNC)],
+    ids=["SIGINT", "SIGTERM", "SIGUSR1", "SIGTERM-async"],
+)
+def test_signal_saves_at_the_next_step_exits_75_and_resume_is_exact(tmp_path, session_env, corpus, reference_runs, number, save_mode):
     flags = tiny_flags(corpus, **FLAGS)
     reference = reference_runs(flags)
     output_dir = tmp_path / "run"
-    run = Training(session_env, output_dir, flags)
+    run = Training(session_env, output_dir, flags + save_mode)
     run.wait_for(r"step 20/120")
     run.process.send_signal(number)
     assert run.finish() == 75, run.text[-2000:]
@@ -36,7 +43,7 @@ def test_signal_saves_at_the_next_step_exits_75_and_resume_is_exact(tmp_path, se
     live = json.loads((output_dir / "trainer_state.json").read_text())
     assert live["stop_reason"] == signal.Signals(number).name and live["global_step"] == stopped_at
 
-    final = train(session_env, output_dir, flags)
+    final = train(session_env, output_dir, flags + save_mode)
     assert final.returncode == 0
     assert f"Resumed from checkpoint (step {stopped_at}," in final.stdout
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
@@ -45,11 +52,12 @@ def test_signal_saves_at_the_next_step_exits_75_and_resume_is_exact(tmp_path, se
     assert history[1]["previous_stop"] == signal.Signals(number).name and history[1]["step"] == stopped_at
 
 
-def test_second_ctrl_c_during_the_save_aborts_with_130_and_keeps_the_previous_checkpoint(tmp_path, session_env, corpus, reference_runs):
+@SAVE_MODES
+def test_second_ctrl_c_during_the_save_aborts_with_130_and_keeps_the_previous_checkpoint(tmp_path, session_env, corpus, reference_runs, save_mode):
     flags = tiny_flags(corpus, **FLAGS)
     reference = reference_runs(flags)
     output_dir = tmp_path / "run"
-    run = Training(session_env, output_dir, flags, harness_env={"HARNESS_SLOW_SAVE": "1.5"})
+    run = Training(session_env, output_dir, flags + save_mode, harness_env={"HARNESS_SLOW_SAVE": "1.5"})
     run.wait_for(r"Saved checkpoint-50")
     run.process.send_signal(signal.SIGINT)
     run.wait_for(r"harness: inside the save of step")
@@ -80,8 +88,9 @@ def test_sigterm_to_the_two_rank_launcher_stops_every_rank_at_one_step(tmp_path,
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
 
 
-def test_max_time_stops_in_time_with_a_checkpoint(tmp_path, session_env, corpus):
-    flags = tiny_flags(corpus, **{**FLAGS, "max_steps": 100000, "save_steps": 100000, "max_time": "15s"})
+@SAVE_MODES
+def test_max_time_stops_in_time_with_a_checkpoint(tmp_path, session_env, corpus, save_mode):
+    flags = tiny_flags(corpus, **{**FLAGS, "max_steps": 100000, "save_steps": 100000, "max_time": "15s"}) + save_mode
     started = time.monotonic()
     result = train(session_env, tmp_path / "run", flags)
     elapsed = time.monotonic() - started

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import HARNESS, REPO, Training, file_digest, tiny_flags, train
+from conftest import HARNESS, REPO, SAVE_MODES, Training, file_digest, tiny_flags, train
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 TWO_RANKS = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_config.yaml"), "--multi_gpu", "--num_processes", "2", str(HARNESS)]
@@ -27,10 +27,11 @@ def worker_pids(launcher_pid: int) -> list[int]:
     return [int(pid) for pid in answer.stdout.split()]
 
 
-def test_two_ranks_killed_at_arbitrary_moments_end_byte_identical(tmp_path, session_env, corpus, reference_runs):
-    flags = tiny_flags(corpus, **FLAGS)
-    reference = reference_runs(flags, launcher=TWO_RANKS)
+@SAVE_MODES
+def test_two_ranks_killed_at_arbitrary_moments_end_byte_identical(tmp_path, session_env, corpus, reference_runs, save_mode):
+    reference = reference_runs(tiny_flags(corpus, **FLAGS), launcher=TWO_RANKS)
     assert (reference / "checkpoint-60" / "random_states_1.pkl").is_file()  # one RNG file per rank
+    flags = tiny_flags(corpus, **FLAGS) + save_mode
     output_dir = tmp_path / "run"
 
     run = Training(session_env, output_dir, flags, launcher=TWO_RANKS)  # the whole launch, kill -9

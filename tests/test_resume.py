@@ -4,7 +4,7 @@ import json
 import shutil
 import time
 
-from conftest import Training, file_digest, tiny_flags, train
+from conftest import SAVE_MODES, Training, file_digest, tiny_flags, train
 
 # 200 blocks / global batch 8 = 25 steps per epoch: 120 steps cross four epoch boundaries.
 FLAGS = dict(max_train_samples=200, gradient_accumulation_steps=2, per_device_train_batch_size=4, save_steps=10)
@@ -14,20 +14,21 @@ def log_history(output_dir):
     return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
 
 
-def test_kill_9_at_arbitrary_moments_ends_byte_identical(tmp_path, session_env, corpus, reference_runs):
+@SAVE_MODES
+def test_kill_9_at_arbitrary_moments_ends_byte_identical(tmp_path, session_env, corpus, reference_runs, save_mode):
     flags = tiny_flags(corpus, **FLAGS)
-    reference = reference_runs(flags)
+    reference = reference_runs(flags)  # synchronous saves
     output_dir = tmp_path / "run"
     resumed_from = []
     for kill_after_step in (15, 40, 40, 85):  # the second kill lands soon after a resume
-        run = Training(session_env, output_dir, flags)
+        run = Training(session_env, output_dir, flags + save_mode)
         match = run.wait_for(r"(✅ Resumed from checkpoint \(step (\d+)|🆕 Starting new training)")
         resumed_from.append(int(match.group(2) or 0))
         if kill_after_step > resumed_from[-1]:
             run.wait_for(rf"step {kill_after_step}/120")
         run.signal_group()
         assert run.finish() == -9
-    final = train(session_env, output_dir, flags)
+    final = train(session_env, output_dir, flags + save_mode)
     assert final.returncode == 0, final.stderr
     assert resumed_from[0] == 0 and all(step > 0 for step in resumed_from[1:]), resumed_from
 
@@ -38,16 +39,17 @@ def test_kill_9_at_arbitrary_moments_ends_byte_identical(tmp_path, session_env, 
     assert history == log_history(reference)  # same losses and learning rates for the same steps
 
 
-def test_kill_inside_a_save_leaves_previous_checkpoint_and_result_unchanged(tmp_path, session_env, corpus, reference_runs):
+@SAVE_MODES
+def test_kill_inside_a_save_leaves_previous_checkpoint_and_result_unchanged(tmp_path, session_env, corpus, reference_runs, save_mode):
     flags = tiny_flags(corpus, **FLAGS)
     reference = reference_runs(flags)
     output_dir = tmp_path / "run"
-    killed = train(session_env, output_dir, flags, harness_env={"HARNESS_KILL_IN_SAVE": "30"})
+    killed = train(session_env, output_dir, flags + save_mode, harness_env={"HARNESS_KILL_IN_SAVE": "30"})
     assert killed.returncode == -9
     assert (output_dir / ".tmp-checkpoint-30").is_dir() and not (output_dir / "checkpoint-30").exists()
     assert (output_dir / "checkpoint-20" / "manifest.json").is_file()
 
-    final = train(session_env, output_dir, flags)
+    final = train(session_env, output_dir, flags + save_mode)
     assert final.returncode == 0, final.stderr
     assert "Removed .tmp-checkpoint-30" in final.stdout
     assert "Resumed from checkpoint (step 20, epoch 0.80)" in final.stdout

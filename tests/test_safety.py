@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 import state
-from conftest import HARNESS, PYTHON, Training, file_digest, kill_when, tiny_flags, train
+from conftest import HARNESS, PYTHON, SAVE_MODES, Training, file_digest, kill_when, tiny_flags, train
 
 FLAGS = dict(max_train_samples=200, max_steps=40, save_steps=10)
 
@@ -30,25 +30,26 @@ def corrupt_flip_byte(path):
 
 
 @pytest.mark.parametrize(
-    "name, damage, reason",
+    "name, damage, reason, save_mode",
     [
-        ("model.safetensors", corrupt_flip_byte, "model.safetensors: checksum mismatch"),
-        ("optimizer.bin", corrupt_truncate, "optimizer.bin: "),
-        ("scheduler.bin", lambda p: p.write_bytes(b""), "scheduler.bin: 0 bytes"),
-        ("random_states_0.pkl", os.remove, "random_states_0.pkl: missing"),
-        ("trainer_state.json", lambda p: p.write_text("{"), "trainer_state.json: "),
-        ("manifest.json", os.remove, "manifest.json is missing"),
+        ("model.safetensors", corrupt_flip_byte, "model.safetensors: checksum mismatch", ["--async_save", "true"]),
+        ("model.safetensors", corrupt_flip_byte, "model.safetensors: checksum mismatch", ["--async_save", "false"]),
+        ("optimizer.bin", corrupt_truncate, "optimizer.bin: ", ["--async_save", "false"]),
+        ("scheduler.bin", lambda p: p.write_bytes(b""), "scheduler.bin: 0 bytes", ["--async_save", "false"]),
+        ("random_states_0.pkl", os.remove, "random_states_0.pkl: missing", ["--async_save", "false"]),
+        ("trainer_state.json", lambda p: p.write_text("{"), "trainer_state.json: ", ["--async_save", "false"]),
+        ("manifest.json", os.remove, "manifest.json is missing", ["--async_save", "false"]),
     ],
 )
-def test_damaged_newest_checkpoint_falls_back_and_ends_byte_identical(tmp_path, session_env, corpus, reference_runs, name, damage, reason):
+def test_damaged_newest_checkpoint_falls_back_and_ends_byte_identical(tmp_path, session_env, corpus, reference_runs, name, damage, reason, save_mode):
     flags = tiny_flags(corpus, **FLAGS)
     reference = reference_runs(flags)
     output_dir = tmp_path / "run"
-    interrupted_run(session_env, output_dir, flags)
+    interrupted_run(session_env, output_dir, flags + save_mode)
     newest = max(state.list_checkpoints(output_dir), key=state.checkpoint_step)
     damage(newest / name)
 
-    result = train(session_env, output_dir, flags)
+    result = train(session_env, output_dir, flags + save_mode)
     assert result.returncode == 0, result.stderr[-2000:]
     warning = next(line for line in result.stdout.splitlines() if "is damaged" in line)
     assert warning.startswith(f"⚠️  {newest.name} is damaged ({reason}") and "resuming from checkpoint-" in warning
@@ -112,8 +113,9 @@ def test_malicious_pickle_in_a_checkpoint_is_refused_not_executed(tmp_path, sess
     assert not marker.exists()
 
 
-def test_a_save_that_hits_a_full_disk_keeps_every_earlier_checkpoint(tmp_path, session_env, corpus):
-    flags = tiny_flags(corpus, **FLAGS)
+@SAVE_MODES
+def test_a_save_that_hits_a_full_disk_keeps_every_earlier_checkpoint(tmp_path, session_env, corpus, save_mode):
+    flags = tiny_flags(corpus, **FLAGS) + save_mode
     output_dir = tmp_path / "run"
     interrupted_run(session_env, output_dir, flags, after="Saved checkpoint-20")
     before = {p.name: file_digest(p / "model.safetensors") for p in state.list_checkpoints(output_dir)}
