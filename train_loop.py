@@ -52,7 +52,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     say = accelerator.print
     world_size = accelerator.num_processes
     output_dir = Path(config.output_dir)
-    say(describe_processes(accelerator))
+    say(describe_processes(accelerator, precision_source=config.precision_requested[1]))
 
     # ---- data and model: every bad input is found here, before anything is written
     tokenizer = build_tokenizer(config)
@@ -88,6 +88,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         **config.result_defining_args(), "model_config": model_identity(config),
         "world_size": world_size, "global_batch_size": batches.global_batch, "gradient_accumulation_steps": batches.accumulation,
         "data_fingerprint": train_data._fingerprint, "train_samples": len(train_data),
+        "mixed_precision": accelerator.mixed_precision,
     }  # fmt: skip
 
     # ---- resume
@@ -262,23 +263,28 @@ def build_accelerator(config: TrainingConfig):
     # Tied input/output embeddings are stored once in model.safetensors; accelerate warns
     # about it at every save although nothing is lost (load_state re-ties them).
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # with no GPU, this makes several processes real gloo ranks
+        mixed_precision=config.precision_requested[0],  # None: accelerate launch's config (its environment), else no
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the world size
         log_with="tensorboard" if config.report_to == "tensorboard" else None,
         project_dir=config.output_dir,
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate makes no GradScaler and no fp16 autocast on CPU: it would train in fp32 and say fp16.
+        raise UsageError("fp16 needs a GPU: on CPU Accelerate has no gradient scaler and would silently train in fp32; use --bf16 (or --mixed_precision no) on CPU")
+    return accelerator
 
 
-def describe_processes(accelerator) -> str:
-    """The run's first line: processes, device, threads per process, precision, in plain words."""
+def describe_processes(accelerator, precision_source: str = "default") -> str:
+    """The run's first line: processes, device, threads per process, precision and where it was set, in plain words."""
     import torch
 
     count = accelerator.num_processes
     layout = "single process" if count == 1 else f"{accelerator.distributed_type.value.lower()}: {count} process(es)"
     threads = f", {torch.get_num_threads()} CPU thread(s) each" if accelerator.device.type == "cpu" else ""
-    return f"⚙️  {layout}, device {accelerator.device}{threads}, mixed precision {accelerator.mixed_precision}"
+    return f"⚙️  {layout}, device {accelerator.device}{threads}, mixed precision {accelerator.mixed_precision} (from {precision_source})"
 
 
 def estimated_save_seconds(model) -> float:
