@@ -30,12 +30,13 @@ import sys
 import time
 from pathlib import Path
 
+import lora
 import resume
 import state
 from config import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, TrainingConfig, UsageError, compare_with_checkpoint, parse_config, parse_duration
 from data import DataError, make_dataloaders, prepare_datasets
 from evaluation import evaluate, is_better
-from model import build_model, build_optimizer, build_tokenizer, loss_of, model_identity, own_model_files
+from model import apply_training_switches, build_model, build_optimizer, build_tokenizer, loss_of, model_identity, own_model_files
 from reporting import TrainingLog
 from state import TrainingState
 from stopping import Deadline, StopCheck, StopRequests
@@ -59,6 +60,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     train_data, eval_data, label_names = prepare_datasets(config, tokenizer, accelerator)
     set_seed(config.seed)
     model = build_model(config, tokenizer, label_names)
+    model, switches_record = apply_training_switches(model, config)  # checkpointing, LoRA, compile
 
     # ---- where to start: decided once on the main process (which takes the lock), shared with every rank
     decision = resume.decide_start(config, accelerator)
@@ -81,6 +83,8 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     optimizer = build_optimizer(model, config)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
     model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
+    if config.use_lora:
+        lora.checkpoint_only_what_trains(accelerator)
     if eval_dataloader is not None:
         eval_dataloader = accelerator.prepare(eval_dataloader)
     eval_steps = config.eval_steps or config.save_steps
@@ -88,7 +92,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         **config.result_defining_args(), "model_config": model_identity(config),
         "world_size": world_size, "global_batch_size": batches.global_batch, "gradient_accumulation_steps": batches.accumulation,
         "data_fingerprint": train_data._fingerprint, "train_samples": len(train_data),
-        "mixed_precision": accelerator.mixed_precision,
+        "mixed_precision": accelerator.mixed_precision, **switches_record,
     }  # fmt: skip
 
     # ---- resume
@@ -128,7 +132,8 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
             progress.global_step += 1
             log.add_step(loss)
             now = time.monotonic()
-            deadline.step_seconds, step_began = now - step_began, now
+            deadline.record_step(now - step_began)
+            step_began = now
             last_step = progress.global_step == total_steps
 
             if progress.global_step % config.logging_steps == 0 or last_step:
@@ -153,13 +158,13 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     # ---- the end: the final model, loadable with from_pretrained (or load_own_model for --model_module)
     saver.save(progress, "final step")
     if config.load_best_model_at_end and progress.best_model_checkpoint:
-        from safetensors.torch import load_model
-
-        load_model(accelerator.unwrap_model(model), str(output_dir / progress.best_model_checkpoint / "model.safetensors"))
+        state.load_model_weights(accelerator.unwrap_model(model), output_dir / progress.best_model_checkpoint / "model.safetensors")
         say(f"🏆 The final model is the best one: {progress.best_model_checkpoint} ({config.best_metric_name} {progress.best_metric})")
     full_state_dict = accelerator.get_state_dict(model)  # a collective under FSDP / ZeRO-3: every rank
     if accelerator.is_main_process:
         state.save_final_model(accelerator.unwrap_model(model), tokenizer, output_dir, full_state_dict, extra_files=own_model_files(config))
+        if config.merge_lora:  # the adapter is in OUTPUT_DIR; the merged model beside it, for from_pretrained
+            state.save_final_model(lora.merged(accelerator.unwrap_model(model)), tokenizer, output_dir / "merged", None)
         log.write_live_state(stop_reason="complete", training_complete=True)
         say(f"🏁 Training complete: {total_steps} steps. Final model in {output_dir}")
     accelerator.wait_for_everyone()

@@ -9,26 +9,26 @@ import subprocess
 from conftest import PYTHON, REPO, file_digest, kill_when, tiny_flags, train
 
 # 200 blocks / global batch 4 = 50 steps per epoch; 60 steps cross one epoch boundary.
-FLAGS = dict(max_train_samples=200, max_steps=60, save_steps=10)
+FLAGS = dict(max_train_samples=200, max_steps=60, save_steps=10, logging_steps=1)  # a line per step: kill at any step
 
 
-def assert_kill_and_resume_is_exact(tmp_path, session_env, reference_runs, flags, kill_at=27, resumed_at=20):
+def assert_kill_and_resume_is_exact(tmp_path, session_env, reference_runs, flags, kill_at=27, resumed_at=20, weights="model.safetensors"):
     reference = reference_runs(flags)
     output_dir = tmp_path / "run"
     kill_when(session_env, output_dir, flags, rf"step {kill_at}/60")
     resumed = train(session_env, output_dir, flags)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert f"Resumed from checkpoint (step {resumed_at}," in resumed.stdout
-    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+    assert file_digest(output_dir / weights) == file_digest(reference / weights)
     return output_dir, reference, resumed
 
 
 def test_bf16_killed_and_resumed_ends_byte_identical(tmp_path, session_env, corpus, reference_runs):
-    flags = tiny_flags(corpus, **FLAGS, bf16=True, logging_steps=1)
+    flags = tiny_flags(corpus, **FLAGS, bf16=True)
     output_dir, reference, resumed = assert_kill_and_resume_is_exact(tmp_path, session_env, reference_runs, flags)
     assert resumed.stdout.startswith("⚙️  single process, device cpu, 1 CPU thread(s) each, mixed precision bf16 (from --bf16)")
     # bf16 autocast really ran: the same run in fp32 has other losses.
-    fp32 = reference_runs(tiny_flags(corpus, **FLAGS, logging_steps=1))
+    fp32 = reference_runs(tiny_flags(corpus, **FLAGS))
     assert file_digest(fp32 / "model.safetensors") != file_digest(reference / "model.safetensors")
 
 
