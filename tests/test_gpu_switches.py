@@ -4,7 +4,10 @@ Each one: kill -9 between two saves, run the same command again, and the final w
 byte-identical to those of an uninterrupted run with the same flags. LoRA has its own file.
 """
 
+import json
 import subprocess
+
+import pytest
 
 from conftest import PYTHON, REPO, file_digest, kill_when, tiny_flags, train
 
@@ -23,6 +26,7 @@ def assert_kill_and_resume_is_exact(tmp_path, session_env, reference_runs, flags
     return output_dir, reference, resumed
 
 
+@pytest.mark.slow
 def test_bf16_killed_and_resumed_ends_byte_identical(tmp_path, session_env, corpus, reference_runs):
     flags = tiny_flags(corpus, **FLAGS, bf16=True)
     output_dir, reference, resumed = assert_kill_and_resume_is_exact(tmp_path, session_env, reference_runs, flags)
@@ -91,3 +95,76 @@ print("restored scale", accelerator.scaler.get_scale())
     result = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "restored scale 1234.0" in result.stdout
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_killed_and_resumed_ends_byte_identical(tmp_path, session_env, corpus, reference_runs):
+    from config import parse_config
+    from model import apply_training_switches, build_model, build_tokenizer
+
+    flags = tiny_flags(corpus, **FLAGS, gradient_checkpointing=True)
+    config = parse_config(flags)
+    switched, _ = apply_training_switches(build_model(config, build_tokenizer(config), None), config)
+    assert switched.is_gradient_checkpointing  # the flag reaches the model
+    _, reference, _ = assert_kill_and_resume_is_exact(tmp_path, session_env, reference_runs, flags)
+    # Recomputation replays the RNG state, so the result is even that of a run without it.
+    assert file_digest(reference / "model.safetensors") == file_digest(reference_runs(tiny_flags(corpus, **FLAGS)) / "model.safetensors")
+
+
+def weight_names(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return sorted(handle.keys())
+
+
+@pytest.mark.slow
+def test_torch_compile_killed_and_resumed_ends_byte_identical_and_writes_plain_keys(tmp_path, session_env, corpus, reference_runs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    flags = tiny_flags(corpus, **FLAGS, torch_compile=True)
+    _, reference, _ = assert_kill_and_resume_is_exact(tmp_path, session_env, reference_runs, flags)
+    plain = reference_runs(tiny_flags(corpus, **FLAGS))
+    assert file_digest(reference / "model.safetensors") != file_digest(plain / "model.safetensors")  # compiled kernels ran
+    for name in ("model.safetensors", "checkpoint-60/model.safetensors"):
+        assert weight_names(reference / name) == weight_names(plain / name)  # no `_orig_mod.` prefix
+    model = AutoModelForCausalLM.from_pretrained(reference)
+    inputs = AutoTokenizer.from_pretrained(reference)("the quick", return_tensors="pt")
+    assert model.generate(**inputs, max_new_tokens=5, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("written_with, resumed_with", [("compiled", "plain"), ("plain", "compiled")])
+def test_a_checkpoint_resumes_across_compile_and_no_compile(tmp_path, session_env, corpus, reference_runs, written_with, resumed_with):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    runs = {"compiled": tiny_flags(corpus, **FLAGS, torch_compile=True), "plain": tiny_flags(corpus, **FLAGS)}
+    source = reference_runs(runs[written_with])
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    shutil.copytree(source / "checkpoint-50", output_dir / "checkpoint-50")
+    resumed = train(session_env, output_dir, runs[resumed_with])
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "Resumed from checkpoint (step 50," in resumed.stdout
+    assert f"--torch_compile {written_with == 'compiled'} → {resumed_with == 'compiled'}" in resumed.stdout
+    assert weight_names(output_dir / "model.safetensors") == weight_names(source / "model.safetensors")
+    # Ten steps on from step 50, nearer the run that never switched than to step 50 itself: it
+    # continued, and did not start over. (Not byte-equal: compiled kernels round differently and
+    # compiled dropout draws its masks another way.)
+    final, unswitched, start = (load_file(str(p)) for p in (output_dir / "model.safetensors", source / "model.safetensors", source / "checkpoint-50" / "model.safetensors"))
+    distance = lambda a, b: max((a[k] - b[k]).abs().max().item() for k in a)  # noqa: E731
+    assert distance(final, unswitched) < distance(final, start) / 2
+    steps_before = [entry for entry in json.loads((output_dir / "trainer_state.json").read_text())["log_history"] if entry["step"] <= 50]
+    assert steps_before == [entry for entry in json.loads((source / "trainer_state.json").read_text())["log_history"] if entry["step"] <= 50]
+
+
+def test_the_first_step_compilation_included_does_not_count_in_the_deadlines_step_estimate():
+    from stopping import Deadline
+
+    deadline = Deadline(max_time_seconds=100, started_at=0, estimated_save_seconds=1.0)  # margin 1.5 + 3 x step + 2
+    deadline.record_step(60.0)  # the first step: torch.compile compiled the model in it
+    assert deadline.step_seconds == 0.0 and not deadline.reached(96.0)
+    deadline.record_step(0.5)  # an ordinary step counts
+    assert deadline.step_seconds == 0.5 and deadline.reached(95.0) and not deadline.reached(94.0)
