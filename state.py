@@ -334,6 +334,7 @@ def clean_leftovers(output_dir: Path) -> list[Path]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     shutil.rmtree(Path(output_dir) / ".tmp-final-model", ignore_errors=True)
+    shutil.rmtree(Path(output_dir) / "merged" / ".tmp-final-model", ignore_errors=True)  # --merge_lora's
     for path in Path(output_dir).glob(f".{TRAINER_STATE_NAME}.*.tmp"):
         path.unlink(missing_ok=True)
     return removed
@@ -347,11 +348,11 @@ def directory_size(path: Path) -> int:
 
 
 def _expected_checkpoint_bytes(output_dir: Path, model) -> int:
-    """The size of the previous checkpoint, or parameters + two Adam moments if there is none."""
+    """The size of the previous checkpoint, or the trained parameters + two Adam moments if there is none."""
     previous = list_checkpoints(output_dir)
     if previous:
         return directory_size(previous[-1])
-    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # a frozen base (LoRA) is not saved
     return 3 * parameter_bytes
 
 

@@ -294,7 +294,7 @@ def describe_processes(accelerator, precision_source: str = "default") -> str:
 
 def estimated_save_seconds(model) -> float:
     """Until the first save is measured: weights + two Adam moments written at ~100 MB/s, plus fsyncs."""
-    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # a frozen base (LoRA) is not saved
     return 1.0 + 3 * parameter_bytes / 100e6
 
 

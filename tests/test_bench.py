@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, TINY_MODEL, write_corpus
 
 
@@ -65,3 +67,16 @@ def test_interval_advice_measures_saves_and_steps_of_a_real_run(session_env, tmp
     between_saves = [float(row[1].split()[0]) * (60 if row[1].endswith("min") else 1) for row in rows]
     assert 0 < between_saves[0] < between_saves[1] < between_saves[2]
     assert all(number(row[2]) >= 0 for row in rows)
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_what_it_can_here_and_says_what_it_skipped(session_env):
+    import torch
+
+    rows = {row[0]: row for row in run_bench(session_env, "gpu_check.py", "--quick")}
+    bf16 = next(row for name, row in rows.items() if name.startswith("bf16 kill -9 + resume"))
+    assert bf16[2] == "passed" and "byte-identical" in bf16[3]
+    assert rows["save of a ~1.2 GB state vs direct write"][2:4] == ["skipped", "--quick"]
+    if not torch.cuda.is_available():
+        assert rows["fp16 kill -9 + resume: GradScaler state"][2] == "skipped"
+        assert rows["2 processes (NCCL) kill -9 + resume"][3].startswith("needs 2 CUDA devices, found 0")
