@@ -224,7 +224,7 @@ RESULT_CHANGING_FLAGS = [
 ]  # fmt: skip
 # What a checkpoint written before a flag existed means by its absence.
 ABSENT_FROM_OLDER_CHECKPOINTS = {"mixed_precision": "no", "torch_compile": False, "gradient_checkpointing": False}
-# Changes that are fine and exact to resume across (the numbers may differ in the last bits, see README).
+# Changes accepted with a note. (A compiled run rounds differently from an uncompiled one: README.)
 HARMLESS_CHANGES = ("save_steps", "save_total_limit", "logging_steps", "max_time", "max_steps", "torch_compile", "torch_compile_mode", "gradient_checkpointing")
 
 
@@ -270,7 +270,8 @@ def compare_with_checkpoint(now: dict, before: dict, allow_change: bool) -> list
     even with --allow_config_change (the adapter was trained for those exact weights).
     """
     before = {**ABSENT_FROM_OLDER_CHECKPOINTS, **before}
-    if now.get("base_model_fingerprint") and before.get("base_model_fingerprint") != now.get("base_model_fingerprint"):
+    fingerprints = before.get("base_model_fingerprint"), now.get("base_model_fingerprint")
+    if all(fingerprints) and fingerprints[0] != fingerprints[1]:  # LoRA then and now (else the `lora` row below refuses)
         raise UsageError(
             f"the base model is not the one this LoRA run started from (weights fingerprint {before.get('base_model_fingerprint')} "
             f"in the checkpoint, {now['base_model_fingerprint']} now); the checkpoint holds only the adapter. Use the original base "

@@ -80,3 +80,13 @@ def test_gpu_check_runs_what_it_can_here_and_says_what_it_skipped(session_env):
     if not torch.cuda.is_available():
         assert rows["fp16 kill -9 + resume: GradScaler state"][2] == "skipped"
         assert rows["2 processes (NCCL) kill -9 + resume"][3].startswith("needs 2 CUDA devices, found 0")
+
+
+def test_lora_checkpoint_size_benchmark_compares_full_and_lora_checkpoints(session_env, tmp_path):
+    shape = tmp_path / "tiny.json"
+    shape.write_text('{"model_type": "gpt2", "vocab_size": 384, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}')
+    rows = run_bench(session_env, "lora_checkpoint_size.py", "--config_name", TINY_MODEL, "--pretrained_config", shape, "--block_size", 32)
+    assert [row[0].split(" (")[0] for row in rows] == ["built-in", "local pretrained directory"]
+    for row in rows:
+        assert number(row[3]) > number(row[4]) > 0  # LoRA's checkpoint is the smaller
+        assert abs(number(row[4]) / number(row[3]) * 100 - number(row[5])) < 0.01

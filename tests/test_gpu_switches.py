@@ -168,3 +168,22 @@ def test_the_first_step_compilation_included_does_not_count_in_the_deadlines_ste
     assert deadline.step_seconds == 0.0 and not deadline.reached(96.0)
     deadline.record_step(0.5)  # an ordinary step counts
     assert deadline.step_seconds == 0.5 and deadline.reached(95.0) and not deadline.reached(94.0)
+
+
+def test_what_a_resume_compares_old_checkpoints_precision_and_the_lora_base():
+    from config import UsageError, compare_with_checkpoint
+
+    now = {"seed": 42, "mixed_precision": "no", "torch_compile": False, "gradient_checkpointing": False}
+    older = {"seed": 42}  # written before these flags existed: the same run
+    assert compare_with_checkpoint(now, older, allow_change=False) == []
+    with pytest.raises(UsageError, match="mixed_precision"):
+        compare_with_checkpoint({**now, "mixed_precision": "bf16"}, older, allow_change=False)
+    assert "--torch_compile False → True" in compare_with_checkpoint({**now, "torch_compile": True}, older, allow_change=False)[0]
+
+    lora = {**now, "lora": {"r": 8}, "base_model_fingerprint": "aaa"}
+    assert compare_with_checkpoint(lora, lora, allow_change=False) == []
+    for allow in (False, True):
+        with pytest.raises(UsageError, match="the base model is not the one this LoRA run started from"):
+            compare_with_checkpoint({**lora, "base_model_fingerprint": "bbb"}, lora, allow_change=allow)
+    with pytest.raises(UsageError, match=r"--lora .*\| None"):  # a full-model checkpoint is no LoRA run to continue
+        compare_with_checkpoint(lora, now, allow_change=False)
