@@ -70,6 +70,19 @@ class TrainingConfig:
     max_grad_norm: float = flag(1.0, "clip gradients to this norm (0 disables)")
     seed: int = flag(42, "seed for initialization, data order and dropout")
     dataloader_num_workers: int = flag(0, "data-loading worker processes per rank")
+    # GPU switches (all work on CPU too; see README "Mixed precision, compile, LoRA")
+    mixed_precision: str = flag(None, "no, bf16 or fp16; default: accelerate_config.yaml's (when launched through it), else no")
+    bf16: bool = flag(False, "same as --mixed_precision bf16")
+    fp16: bool = flag(False, "same as --mixed_precision fp16 (needs a GPU: its gradient scaler exists only there)")
+    torch_compile: bool = flag(False, "compile the model's forward with torch.compile (the first step takes longer)")
+    torch_compile_mode: str = flag(None, "default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs; implies --torch_compile")
+    gradient_checkpointing: bool = flag(False, "recompute activations in the backward pass: less memory, ~30 % more compute")
+    use_lora: bool = flag(False, "train LoRA adapters (peft) on a frozen base model; checkpoints hold only what trains")
+    lora_r: int = flag(8, "LoRA rank")
+    lora_alpha: int = flag(16, "LoRA scaling numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = flag(0.05, "dropout on the LoRA branch")
+    lora_target_modules: str = flag(None, "comma-separated module names, or all-linear; default: peft's choice for the model type")
+    merge_lora: bool = flag(False, "also write the base model with the adapter merged in, to OUTPUT_DIR/merged")
     # checkpoints and logs
     save_steps: int = flag(1000, "save a checkpoint every N optimizer steps")
     save_total_limit: int = flag(3, "keep the newest N checkpoints")
@@ -106,6 +119,7 @@ class TrainingConfig:
             raise UsageError(f"--dataloader_num_workers must not be negative (got {self.dataloader_num_workers})")
         if self.max_time is not None:
             parse_duration(self.max_time)
+        self.validate_gpu_switches()
         from transformers.trainer_utils import SchedulerType
 
         schedules = [kind.value for kind in SchedulerType]
@@ -181,6 +195,41 @@ class TrainingConfig:
         if self.shuffle_buffer_size < 0:
             raise UsageError(f"--shuffle_buffer_size must not be negative (got {self.shuffle_buffer_size})")
 
+    def validate_gpu_switches(self) -> None:
+        if self.bf16 and self.fp16:
+            raise UsageError("give either --bf16 or --fp16, not both")
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
+            raise UsageError(f"--mixed_precision {self.mixed_precision!r}: choose no, bf16 or fp16")
+        shorthand = "bf16" if self.bf16 else "fp16" if self.fp16 else None
+        if shorthand and self.mixed_precision not in (None, shorthand):
+            raise UsageError(f"--{shorthand} contradicts --mixed_precision {self.mixed_precision}; give one of them")
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if self.torch_compile_mode is not None and self.torch_compile_mode not in modes:
+            raise UsageError(f"--torch_compile_mode {self.torch_compile_mode!r}: choose one of {', '.join(modes)}")
+        if self.torch_compile_mode is not None:
+            self.torch_compile = True  # as in TrainingArguments: a mode implies compiling
+        if self.lora_r <= 0 or self.lora_alpha <= 0:
+            raise UsageError(f"--lora_r and --lora_alpha must be positive integers (got {self.lora_r}, {self.lora_alpha})")
+        if not 0 <= self.lora_dropout < 1:
+            raise UsageError(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout})")
+        if self.merge_lora and not self.use_lora:
+            raise UsageError("--merge_lora needs --use_lora")
+        if self.use_lora and self.model_module and not self.lora_target_modules:
+            raise UsageError("--use_lora with --model_module: name the layers to adapt with --lora_target_modules (e.g. all-linear)")
+
+    @property
+    def precision_requested(self) -> tuple[str | None, str]:
+        """(mixed precision asked for on the command line or None, where it comes from)."""
+        if self.bf16:
+            return "bf16", "--bf16"
+        if self.fp16:
+            return "fp16", "--fp16"
+        if self.mixed_precision:
+            return self.mixed_precision, "--mixed_precision"
+        if os.environ.get("ACCELERATE_MIXED_PRECISION"):  # set by accelerate launch from its --config_file
+            return None, "accelerate_config.yaml via accelerate launch"
+        return None, "default"
+
     def result_defining_args(self) -> dict:
         """The flags as recorded in a checkpoint: all but those that only steer this one start."""
         transient = ("exit_code_file", "resume_from_checkpoint", "allow_config_change", "output_dir", "ddp_timeout", "async_save")
@@ -215,7 +264,7 @@ RESULT_CHANGING_FLAGS = [
     "seed", "per_device_train_batch_size", "global_batch_size", "block_size", "model_config", "model_weights",
     "task", "label_column", "tokenizer", "data_content", "dataset_name", "dataset_config_name", "text_column",
     "max_train_samples", "data_fingerprint", "validation_content", "learning_rate", "weight_decay", "warmup_steps",
-    "lr_scheduler_type", "max_grad_norm", "num_train_epochs",
+    "lr_scheduler_type", "max_grad_norm", "num_train_epochs", "mixed_precision", "lora",
 ]  # fmt: skip
 # Where the inputs live: a change is a note, since their content is compared above.
 INPUT_PATH_FLAGS = ["train_file", "validation_file", "model_name_or_path", "config_name", "tokenizer_name", "model_module"]
@@ -224,6 +273,11 @@ BY_PATH_BEFORE = {
     "model_weights": "model_name_or_path", "tokenizer": "tokenizer_name", "data_content": "train_file",
     "data_fingerprint": None, "validation_content": None,
 }  # fmt: skip
+# What a checkpoint written before a flag existed means by its absence.
+ABSENT_FROM_OLDER_CHECKPOINTS = {"mixed_precision": "no", "torch_compile": False, "gradient_checkpointing": False}
+# Changes accepted with a note. (A compiled run rounds differently from an uncompiled one: README.)
+HARMLESS_CHANGES = ("save_steps", "save_total_limit", "logging_steps", "max_time", "max_steps", "torch_compile", "torch_compile_mode", "gradient_checkpointing")
+
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -261,7 +315,19 @@ def parse_duration(text: str) -> float:
 
 
 def compare_with_checkpoint(now: dict, before: dict, allow_change: bool) -> list[str]:
-    """Notes on harmless changes; raises UsageError for result-changing ones (unless allowed)."""
+    """Notes on harmless changes; raises UsageError for result-changing ones (unless allowed).
+
+    A LoRA checkpoint holds only the adapter: resuming it on another base model is refused
+    even with --allow_config_change (the adapter was trained for those exact weights).
+    """
+    before = {**ABSENT_FROM_OLDER_CHECKPOINTS, **before}
+    fingerprints = before.get("base_model_fingerprint"), now.get("base_model_fingerprint")
+    if all(fingerprints) and fingerprints[0] != fingerprints[1]:  # LoRA then and now (else the `lora` row below refuses)
+        raise UsageError(
+            f"the base model is not the one this LoRA run started from (weights fingerprint {before.get('base_model_fingerprint')} "
+            f"in the checkpoint, {now['base_model_fingerprint']} now); the checkpoint holds only the adapter. Use the original base "
+            "model, or start over with --resume_from_checkpoint none"
+        )
     compared, notes = RESULT_CHANGING_FLAGS, []
     if "data_content" not in before:  # an older checkpoint: its inputs can only be compared by path
         compared = [BY_PATH_BEFORE.get(name, name) for name in compared if BY_PATH_BEFORE.get(name, name)]
@@ -284,7 +350,7 @@ def compare_with_checkpoint(now: dict, before: dict, allow_change: bool) -> list
     if moved:
         same = "same content at another path" if not changed and "data_content" in before else "paths changed"
         notes.append(f"ℹ️  Inputs moved since the checkpoint ({same}): " + ", ".join(f"--{n} {before.get(n)} → {now.get(n)}" for n in moved))
-    harmless = [n for n in ("save_steps", "save_total_limit", "logging_steps", "max_time", "max_steps") if before.get(n) != now.get(n)]
+    harmless = [n for n in HARMLESS_CHANGES if before.get(n) != now.get(n)]
     if harmless:
         notes.append("ℹ️  Changed since the checkpoint: " + ", ".join(f"--{n} {before.get(n)} → {now.get(n)}" for n in harmless))
     return notes

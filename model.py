@@ -4,7 +4,8 @@
     build_model(config, tokenizer, ...)  pretrained (--model_name_or_path), random init from a
                                          config (--config_name, default: the built-in GPT-2), or
                                          your own torch.nn.Module (--model_module)
-    build_optimizer(model, config)       AdamW, biases and norms not decayed
+    apply_training_switches(model, cfg)  --gradient_checkpointing, --use_lora (lora.py), --torch_compile
+    build_optimizer(model, config)       AdamW over what trains, biases and norms not decayed
     loss_of(outputs)                     the loss from what a model's forward returned
 
 Your own model (--model_module my_model.py): a Python file that defines
@@ -77,12 +78,37 @@ def build_model(config: TrainingConfig, tokenizer, label_names: list | None):
 
 
 
+def apply_training_switches(model, config: TrainingConfig):
+    """--gradient_checkpointing, --use_lora, --torch_compile, in this order, on the built model.
+
+    Returns (model, what a checkpoint records about them: under LoRA, the base model's fingerprint).
+    """
+    record = {}
+    if config.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise UsageError("--gradient_checkpointing needs a transformers model; in your --model_module, wrap blocks in torch.utils.checkpoint yourself")
+        # Non-reentrant: works with frozen inputs (LoRA) and replays the RNG state, so dropout is unchanged.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.use_lora:
+        import lora
+
+        record = lora.recorded_settings(config, lora.base_model_fingerprint(model))
+        model = lora.add_adapters(model, config)
+    if config.torch_compile:
+        # Module.compile compiles in place: no OptimizedModule wrapper, so the state_dict (checkpoints,
+        # the final model) has exactly the keys of an uncompiled run, with no `_orig_mod.` prefix.
+        model.compile(mode=config.torch_compile_mode)
+    return model, record
+
+
 def build_optimizer(model, config: TrainingConfig):
     import torch
 
-    # Biases and normalization weights are not decayed (the usual AdamW practice).
-    decayed = [p for p in model.parameters() if p.ndim >= 2]
-    not_decayed = [p for p in model.parameters() if p.ndim < 2]
+    # Biases and normalization weights are not decayed (the usual AdamW practice). Frozen weights
+    # (the base under LoRA) are left out, so the optimizer's state is that of what trains.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decayed = [p for p in trainable if p.ndim >= 2]
+    not_decayed = [p for p in trainable if p.ndim < 2]
     groups = [{"params": decayed, "weight_decay": config.weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.learning_rate)
 

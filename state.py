@@ -347,6 +347,7 @@ def clean_leftovers(output_dir: Path) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     shutil.rmtree(Path(output_dir) / ".tmp-final-model", ignore_errors=True)
+    shutil.rmtree(Path(output_dir) / "merged" / ".tmp-final-model", ignore_errors=True)  # --merge_lora's
     for path in Path(output_dir).glob(f".{TRAINER_STATE_NAME}.*.tmp"):
         path.unlink(missing_ok=True)
     return removed
@@ -360,11 +361,11 @@ def directory_size(path: Path) -> int:
 
 
 def _expected_checkpoint_bytes(output_dir: Path, model) -> int:
-    """The size of the previous checkpoint, or parameters + two Adam moments if there is none."""
+    """The size of the previous checkpoint, or the trained parameters + two Adam moments if there is none."""
     previous = list_checkpoints(output_dir)
     if previous:
         return directory_size(previous[-1])
-    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # a frozen base (LoRA) is not saved
     return 3 * parameter_bytes
 
 
@@ -637,6 +638,37 @@ def load_checkpoint(accelerator, path: Path) -> tuple[TrainingState, list, list]
     return state, log_history, run_history
 
 
+def trainable_weights(model) -> dict:
+    """The weights that train (all of them, unless some are frozen as under LoRA), by name."""
+    return {name: parameter.detach() for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def load_model_weights(model, path: Path) -> None:
+    """Load a checkpoint's model.safetensors into `model`, strictly.
+
+    A model with frozen weights (LoRA) is loaded from a file that holds exactly its trainable
+    weights; any other model from a file that holds every weight. Anything else raises
+    CheckpointError naming the file and the first keys that differ.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, load_model
+
+    path = Path(path)
+    parameters = dict(model.named_parameters())
+    trainable = {name for name, parameter in parameters.items() if parameter.requires_grad}
+    try:
+        if len(trainable) == len(parameters):
+            load_model(model, str(path))
+            return
+        weights = load_file(str(path))
+    except (OSError, SafetensorError, RuntimeError) as error:
+        raise CheckpointError(f"{path.name}: {str(error).splitlines()[0]}") from None
+    if set(weights) != trainable:
+        extra, missing = sorted(set(weights) - trainable)[:3], sorted(trainable - set(weights))[:3]
+        raise CheckpointError(f"{path.name}: does not hold this model's trainable weights (unexpected {extra}, missing {missing})")
+    model.load_state_dict(weights, strict=False)  # strict=False: the frozen base is not in the file, by design
+
+
 def archive_checkpoints(output_dir: Path, newer_than: int | None = None) -> tuple[Path | None, list[str]]:
     """Move checkpoints out of discovery's way, into a folder beside them (never delete).
 
@@ -673,6 +705,7 @@ def save_final_model(model, tokenizer, output_dir: Path, state_dict, extra_files
     config or a half-written file.
     """
     output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)  # OUTPUT_DIR/merged for --merge_lora
     temporary = output_dir / ".tmp-final-model"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()

@@ -131,6 +131,14 @@ class Deadline:
         self.save_seconds = estimated_save_seconds  # replaced by the measured time of each save
         self.step_seconds = 0.0
         self.save_in_flight = False  # a background save (--async_save) the stop must wait for
+        self.steps_timed = 0
+
+    def record_step(self, seconds: float) -> None:
+        """The last step's duration, for the margin. A process's first step is not counted: it is
+        warm-up, and with --torch_compile it includes the compilation (minutes for a large model)."""
+        if self.steps_timed > 0:
+            self.step_seconds = seconds
+        self.steps_timed += 1
 
     def reached(self, now: float) -> bool:
         if self.at is None:

@@ -30,13 +30,14 @@ import sys
 import time
 from pathlib import Path
 
+import lora
 import resume
 import state
 import streaming
 from config import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, TrainingConfig, UsageError, compare_with_checkpoint, parse_config, parse_duration
 from data import DataError, input_identities, make_dataloaders, prepare_datasets
 from evaluation import evaluate, is_better
-from model import build_model, build_optimizer, build_tokenizer, loss_of, model_identity, own_model_files
+from model import apply_training_switches, build_model, build_optimizer, build_tokenizer, loss_of, model_identity, own_model_files
 from reporting import TrainingLog
 from state import TrainingState
 from stopping import Deadline, StopCheck, StopRequests, process_start_time
@@ -53,7 +54,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     say = accelerator.print
     world_size = accelerator.num_processes
     output_dir = Path(config.output_dir)
-    say(describe_processes(accelerator))
+    say(describe_processes(accelerator, precision_source=config.precision_requested[1]))
 
     # ---- data and model: every bad input is found here, before anything is written
     tokenizer = build_tokenizer(config)
@@ -65,6 +66,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         train_data, eval_data, label_names = prepare_datasets(config, tokenizer, accelerator)
     set_seed(config.seed)
     model = build_model(config, tokenizer, label_names)
+    model, switches_record = apply_training_switches(model, config)  # checkpointing, LoRA, compile
 
     # ---- where to start: decided once on the main process (which takes the lock), shared with every rank
     decision = resume.decide_start(config, accelerator)
@@ -97,6 +99,8 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     optimizer = build_optimizer(model, config)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
     model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
+    if config.use_lora:
+        lora.checkpoint_only_what_trains(accelerator)
     if eval_dataloader is not None:
         eval_dataloader = accelerator.prepare(eval_dataloader)
     eval_steps = config.eval_steps or config.save_steps
@@ -104,6 +108,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         **config.result_defining_args(), "model_config": model_identity(config), **input_identities(config, tokenizer),
         "world_size": world_size, "global_batch_size": batches.global_batch, "gradient_accumulation_steps": batches.accumulation,
         "data_fingerprint": data_fingerprint, "train_samples": None if stream else len(train_data),
+        "mixed_precision": accelerator.mixed_precision, **switches_record,
     }  # fmt: skip
 
     # ---- resume
@@ -152,7 +157,8 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
             progress.stream_epoch = stream.epoch if stream else None
             log.add_step(loss)
             now = time.monotonic()
-            deadline.step_seconds, step_began = now - step_began, now
+            deadline.record_step(now - step_began)
+            step_began = now
             last_step = progress.global_step == total_steps
 
             if progress.global_step % config.logging_steps == 0 or last_step:
@@ -181,13 +187,13 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     saver.save(progress, "final step")
     saver.wait()
     if config.load_best_model_at_end and progress.best_model_checkpoint:
-        from safetensors.torch import load_model
-
-        load_model(accelerator.unwrap_model(model), str(output_dir / progress.best_model_checkpoint / "model.safetensors"))
+        state.load_model_weights(accelerator.unwrap_model(model), output_dir / progress.best_model_checkpoint / "model.safetensors")
         say(f"🏆 The final model is the best one: {progress.best_model_checkpoint} ({config.best_metric_name} {progress.best_metric})")
     full_state_dict = accelerator.get_state_dict(model)  # a collective under FSDP / ZeRO-3: every rank
     if accelerator.is_main_process:
         state.save_final_model(accelerator.unwrap_model(model), tokenizer, output_dir, full_state_dict, extra_files=own_model_files(config))
+        if config.merge_lora:  # the adapter is in OUTPUT_DIR; the merged model beside it, for from_pretrained
+            state.save_final_model(lora.merged(accelerator.unwrap_model(model)), tokenizer, output_dir / "merged", None)
         log.write_live_state(stop_reason="complete", training_complete=True)
         say(f"🏁 Training complete: {total_steps} steps. Final model in {output_dir}")
     accelerator.wait_for_everyone()
@@ -345,18 +351,23 @@ def build_accelerator(config: TrainingConfig):
     # Tied input/output embeddings are stored once in model.safetensors; accelerate warns
     # about it at every save although nothing is lost (load_state re-ties them).
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # with no GPU, this makes several processes real gloo ranks
+        mixed_precision=config.precision_requested[0],  # None: accelerate launch's config (its environment), else no
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the world size
         project_dir=config.output_dir,
         # A process waits this long in a collective for the others: a dead or hung machine ends the run then.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.ddp_timeout))],
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate makes no GradScaler and no fp16 autocast on CPU: it would train in fp32 and say fp16.
+        raise UsageError("fp16 needs a GPU: on CPU Accelerate has no gradient scaler and would silently train in fp32; use --bf16 (or --mixed_precision no) on CPU")
+    return accelerator
 
 
-def describe_processes(accelerator) -> str:
-    """The run's first line: processes, device, threads per process, precision, in plain words."""
+def describe_processes(accelerator, precision_source: str = "default") -> str:
+    """The run's first line: processes, device, threads per process, precision and where it was set, in plain words."""
     import torch
 
     count = accelerator.num_processes
@@ -365,12 +376,12 @@ def describe_processes(accelerator) -> str:
     if machines > 1:
         layout += f" on {machines} machines (this is machine {os.environ.get('GROUP_RANK', '?')})"
     threads = f", {torch.get_num_threads()} CPU thread(s) each" if accelerator.device.type == "cpu" else ""
-    return f"⚙️  {layout}, device {accelerator.device}{threads}, mixed precision {accelerator.mixed_precision}"
+    return f"⚙️  {layout}, device {accelerator.device}{threads}, mixed precision {accelerator.mixed_precision} (from {precision_source})"
 
 
 def estimated_save_seconds(model) -> float:
     """Until the first save is measured: weights + two Adam moments written at ~100 MB/s, plus fsyncs."""
-    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # a frozen base (LoRA) is not saved
     return 1.0 + 3 * parameter_bytes / 100e6
 
 

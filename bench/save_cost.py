@@ -1,6 +1,6 @@
 """Benchmark: how long a checkpoint stalls training, against a direct write of the same tensors and the disk's speed.
 
-    .venv/bin/python bench/save_cost.py [--models 10M 100M] [--repeats 5] [--dir DIR]
+    .venv/bin/python bench/save_cost.py [--models 10M 100M] [--repeats 5] [--dir DIR] [--device cuda]
 
 For each GPT-2-style model (random init, byte vocabulary; WIDTHxLAYERS also works, e.g. 64x2),
 after one AdamW step so the optimizer state exists, and one untimed round of the first two, three
@@ -43,7 +43,7 @@ def build(accelerator, width: int, layers: int):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=10)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    tokens = torch.randint(0, 384, (1, 32))
+    tokens = torch.randint(0, 384, (1, 32), device=accelerator.device)
     accelerator.backward(model(input_ids=tokens, labels=tokens).loss)
     optimizer.step()
     scheduler.step()
@@ -124,11 +124,12 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="10M, 100M or WIDTHxLAYERS")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory under $TMPDIR)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model and optimizer live (cuda: the save includes the copy to the host)")
     args = parser.parse_args(argv)
     from accelerate import Accelerator
 
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # as train_loop.py: the tied-embeddings note at every save
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=args.device == "cpu")
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
         for name in args.models:

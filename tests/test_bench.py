@@ -94,3 +94,26 @@ def test_async_save_benchmark_compares_the_blocked_time_and_the_steps_per_second
     [row] = run_bench(session_env, "async_save.py", "steps", "--models", "64x2", "--repeats", 1, "--measured_steps", 200,
                       "--logging_steps", 5, "--corpus_lines", 1000, "--min_overlap_seconds", 0.5)  # fmt: skip
     assert number(row[1]) > 0 and number(row[2]) > 0 and 0.2 < number(row[3].split()[0]) < 5
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_what_it_can_here_and_says_what_it_skipped(session_env):
+    import torch
+
+    rows = {row[0]: row for row in run_bench(session_env, "gpu_check.py", "--quick")}
+    bf16 = next(row for name, row in rows.items() if name.startswith("bf16 kill -9 + resume"))
+    assert bf16[2] == "passed" and "byte-identical" in bf16[3]
+    assert rows["save of a ~1.2 GB state vs direct write"][2:4] == ["skipped", "--quick"]
+    if not torch.cuda.is_available():
+        assert rows["fp16 kill -9 + resume: GradScaler state"][2] == "skipped"
+        assert rows["2 processes (NCCL) kill -9 + resume"][3].startswith("needs 2 CUDA devices, found 0")
+
+
+def test_lora_checkpoint_size_benchmark_compares_full_and_lora_checkpoints(session_env, tmp_path):
+    shape = tmp_path / "tiny.json"
+    shape.write_text('{"model_type": "gpt2", "vocab_size": 384, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}')
+    rows = run_bench(session_env, "lora_checkpoint_size.py", "--config_name", TINY_MODEL, "--pretrained_config", shape, "--block_size", 32)
+    assert [row[0].split(" (")[0] for row in rows] == ["built-in", "local pretrained directory"]
+    for row in rows:
+        assert number(row[3]) > number(row[4]) > 0  # LoRA's checkpoint is the smaller
+        assert abs(number(row[4]) / number(row[3]) * 100 - number(row[5])) < 0.01

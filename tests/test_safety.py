@@ -140,7 +140,7 @@ def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
         def parameters(self):
             import torch
 
-            return [torch.zeros(1000)]
+            return [torch.nn.Parameter(torch.zeros(1000))]  # trained weights: a frozen base (LoRA) is not saved
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(state.NotEnoughDiskSpace, match=r"needs ~13.2 KB, 1.0 KB free in "):
