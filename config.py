@@ -66,6 +66,7 @@ class TrainingConfig:
     max_grad_norm: float = flag(1.0, "clip gradients to this norm (0 disables)")
     seed: int = flag(42, "seed for initialization, data order and dropout")
     dataloader_num_workers: int = flag(0, "data-loading worker processes per rank")
+    full_determinism: bool = flag(False, "deterministic GPU kernels (slower; see README): torch.use_deterministic_algorithms, cuDNN, cuBLAS. No change on CPU")
     # checkpoints and logs
     save_steps: int = flag(1000, "save a checkpoint every N optimizer steps")
     save_total_limit: int = flag(3, "keep the newest N checkpoints")

@@ -5,6 +5,7 @@ Production code has no test switches; this wrapper patches it from the outside:
                               after every file is written and before the rename
   HARNESS_SLOW_SAVE=SECONDS   sleep this long inside every save, before the manifest is written
   HARNESS_RECORD_BATCHES=FILE append "step<TAB>sha256 of each micro-batch" per optimizer step
+  HARNESS_RECORD_SEEDS=FILE   append "step<TAB>sha256=seed of each micro-batch" per optimizer step
 """
 
 import hashlib
@@ -43,14 +44,20 @@ if slow_save:
     state.write_manifest = slow_manifest
 
 record_file = os.environ.get("HARNESS_RECORD_BATCHES")
-if record_file:
+seeds_file = os.environ.get("HARNESS_RECORD_SEEDS")
+if record_file or seeds_file:
     original_step = train_loop.train_step
 
-    def recording_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm):
-        digests = ",".join(hashlib.sha256(b["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16] for b in micro_batches)
-        with open(f"{record_file}.rank{accelerator.process_index}", "a") as handle:
-            handle.write(f"{scheduler.scheduler.last_epoch + 1}\t{digests}\n")
-        return original_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm)
+    def recording_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm, seeds):
+        digests = [hashlib.sha256(b["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16] for b in micro_batches]
+        step = scheduler.scheduler.last_epoch + 1
+        if record_file:
+            with open(f"{record_file}.rank{accelerator.process_index}", "a") as handle:
+                handle.write(f"{step}\t{','.join(digests)}\n")
+        if seeds_file:
+            with open(f"{seeds_file}.rank{accelerator.process_index}", "a") as handle:
+                handle.write(f"{step}\t{','.join(f'{d}={s}' for d, s in zip(digests, seeds))}\n")
+        return original_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm, seeds)
 
     train_loop.train_step = recording_step
 
