@@ -38,6 +38,7 @@ from config import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXI
 from data import DataError, input_identities, make_dataloaders, prepare_datasets
 from evaluation import evaluate, is_better
 from model import apply_training_switches, build_model, build_optimizer, build_tokenizer, loss_of, model_identity, own_model_files
+from randomness import enable_full_determinism, micro_batch_seeds, seed_micro_batch
 from reporting import TrainingLog
 from state import TrainingState
 from stopping import Deadline, StopCheck, StopRequests, process_start_time
@@ -46,6 +47,8 @@ from trackers import Trackers
 
 def main(config: TrainingConfig, stop: StopRequests) -> int:
     keep_freed_memory_for_reuse()
+    if config.full_determinism:
+        enable_full_determinism()  # before the accelerator initialises CUDA
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -152,7 +155,8 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
             steps_to_take = min(steps_per_epoch - steps_done_in_epoch, total_steps - progress.global_step)
             steps = optimizer_steps_of_epoch(train_dataloader, epoch, steps_done_in_epoch, steps_to_take, batches.accumulation)
         for micro_batches in steps:
-            loss = train_step(accelerator, model, optimizer, scheduler, micro_batches, config.max_grad_norm)
+            seeds = micro_batch_seeds(config.seed, progress.global_step + 1, accelerator.process_index, world_size, batches.accumulation)
+            loss = train_step(accelerator, model, optimizer, scheduler, micro_batches, config.max_grad_norm, seeds)
             progress.global_step += 1
             progress.stream_epoch = stream.epoch if stream else None
             log.add_step(loss)
@@ -201,11 +205,15 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     return EXIT_DONE
 
 
-def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm):
-    """One optimizer step over the micro-batches; returns this rank's mean loss (a tensor)."""
+def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm, seeds):
+    """One optimizer step over the micro-batches; returns this rank's mean loss (a tensor).
+
+    seeds[i] keys micro-batch i's random draws (dropout) to its place in the global batch.
+    """
     step_loss = 0.0
-    for index, batch in enumerate(micro_batches):
+    for index, (batch, seed) in enumerate(zip(micro_batches, seeds, strict=True)):
         is_last = index == len(micro_batches) - 1
+        seed_micro_batch(seed, accelerator.device)  # the same dropout masks on any number of processes
         # Gradients are all-reduced once per step, on the last micro-batch.
         with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
             loss = loss_of(model(**batch)) / len(micro_batches)
@@ -376,7 +384,8 @@ def describe_processes(accelerator, precision_source: str = "default") -> str:
     if machines > 1:
         layout += f" on {machines} machines (this is machine {os.environ.get('GROUP_RANK', '?')})"
     threads = f", {torch.get_num_threads()} CPU thread(s) each" if accelerator.device.type == "cpu" else ""
-    return f"⚙️  {layout}, device {accelerator.device}{threads}, mixed precision {accelerator.mixed_precision} (from {precision_source})"
+    exact = ", deterministic algorithms (--full_determinism)" if torch.are_deterministic_algorithms_enabled() else ""
+    return f"⚙️  {layout}, device {accelerator.device}{threads}, mixed precision {accelerator.mixed_precision} (from {precision_source}){exact}"
 
 
 def estimated_save_seconds(model) -> float:

@@ -10,6 +10,7 @@ Production code has no test switches; this wrapper patches it from the outside:
   HARNESS_HOST_MEMORY=BYTES   --async_save: pretend this much host memory is available
   HARNESS_RECORD_BATCHES=FILE append "step<TAB>sha256 of each micro-batch" per optimizer step
   HARNESS_HIDE_PACKAGES=A,B   make these packages look not installed (e.g. wandb)
+  HARNESS_RECORD_SEEDS=FILE   append "step<TAB>sha256=seed of each micro-batch" per optimizer step
 """
 
 import hashlib
@@ -85,14 +86,20 @@ if host_memory:
     background_save.available_host_memory = lambda: int(host_memory)
 
 record_file = os.environ.get("HARNESS_RECORD_BATCHES")
-if record_file:
+seeds_file = os.environ.get("HARNESS_RECORD_SEEDS")
+if record_file or seeds_file:
     original_step = train_loop.train_step
 
-    def recording_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm):
-        digests = ",".join(hashlib.sha256(b["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16] for b in micro_batches)
-        with open(f"{record_file}.rank{accelerator.process_index}", "a") as handle:
-            handle.write(f"{scheduler.scheduler.last_epoch + 1}\t{digests}\n")
-        return original_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm)
+    def recording_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm, seeds):
+        digests = [hashlib.sha256(b["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16] for b in micro_batches]
+        step = scheduler.scheduler.last_epoch + 1
+        if record_file:
+            with open(f"{record_file}.rank{accelerator.process_index}", "a") as handle:
+                handle.write(f"{step}\t{','.join(digests)}\n")
+        if seeds_file:
+            with open(f"{seeds_file}.rank{accelerator.process_index}", "a") as handle:
+                handle.write(f"{step}\t{','.join(f'{d}={s}' for d, s in zip(digests, seeds))}\n")
+        return original_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm, seeds)
 
     train_loop.train_step = recording_step
 

@@ -8,10 +8,10 @@ import pytest
 from conftest import REPO, TINY_MODEL, write_corpus
 
 
-def run_bench(env, script: str, *flags) -> list[list[str]]:
+def run_bench(env, script: str, *flags, timeout: float = 300) -> list[list[str]]:
     """Run bench/SCRIPT and return the cells of its Markdown table rows (header and separator left out)."""
     result = subprocess.run([sys.executable, str(REPO / "bench" / script), *map(str, flags)],
-                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+                            env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("|") and not line.startswith("|---")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in table[1:]]
@@ -117,3 +117,17 @@ def test_lora_checkpoint_size_benchmark_compares_full_and_lora_checkpoints(sessi
     for row in rows:
         assert number(row[3]) > number(row[4]) > 0  # LoRA's checkpoint is the smaller
         assert abs(number(row[4]) / number(row[3]) * 100 - number(row[5])) < 0.01
+
+
+def test_seeding_cost_benchmark_times_steps_with_and_without_the_seeding(session_env):
+    rows = run_bench(session_env, "seeding_cost.py", "--config_name", TINY_MODEL, "--block_size", 32, "--steps", 6,
+                     "--warmup", 2, "--corpus_lines", 500)  # fmt: skip
+    assert [row[0] for row in rows] == ["with the seeding", "without", "the seeding calls alone"]
+    assert all(number(row[1]) > 0 for row in rows) and rows[1][2] == "1.0000x"
+
+
+@pytest.mark.slow
+def test_elastic_resume_benchmark_resumes_on_the_other_number_of_processes(session_env):
+    rows = run_bench(session_env, "elastic_resume.py", "--max_steps", 12, "--save_steps", 5, "--kill_at", 7, "--corpus_lines", 500, timeout=900)
+    assert [row[0] for row in rows] == ["2 → 1", "1 → 2"]
+    assert all(0 <= number(row[1]) < 1e-5 for row in rows)

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import HARNESS, REPO, SAVE_MODES, Training, file_digest, tiny_flags, train
+from conftest import HARNESS, REPO, SAVE_MODES, TINY_MODEL, Training, file_digest, tiny_flags, train
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 TWO_RANKS = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_config.yaml"), "--multi_gpu", "--num_processes", "2", str(HARNESS)]
 ONE_RANK = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_config.yaml"), "--num_processes", "1", str(HARNESS)]
-NO_DROPOUT = REPO / "tests" / "tiny-gpt2-no-dropout.json"
+DEFAULT_MODEL = REPO / "configs" / "gpt2-small-byte.json"  # what ./launch.sh trains with no flags (dropout 0.1)
 # 200 blocks / (4 per rank x 2 ranks) = 25 steps per epoch.
 FLAGS = dict(max_train_samples=200, max_steps=60, save_steps=7)
 
@@ -66,33 +66,78 @@ def test_only_the_main_process_writes_shared_files(tmp_path, session_env, corpus
         assert "random_states_0.pkl" in names and "random_states_1.pkl" in names
 
 
+@pytest.mark.parametrize("launcher, accumulation", [(TWO_RANKS, 2), (None, 1)], ids=["2ranks-accumulation2", "1rank-no-accumulation"])
+def test_kill_9_on_the_same_number_of_processes_ends_byte_identical(tmp_path, session_env, corpus, reference_runs, launcher, accumulation):
+    # With dropout 0.1; the other two layouts are in the tests above and in test_resume.py.
+    flags = tiny_flags(corpus, **{**FLAGS, "max_steps": 30, "gradient_accumulation_steps": accumulation})
+    reference = reference_runs(flags, launcher=launcher)
+    output_dir = tmp_path / "run"
+    run = Training(session_env, output_dir, flags, launcher=launcher)
+    run.wait_for(r"step 20/30")  # after checkpoint-14: steps 15-20 are trained again
+    run.signal_group(signal.SIGKILL)
+    run.finish()
+    final = train(session_env, output_dir, flags, launcher=launcher)
+    assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
+    assert "Resumed from checkpoint (step 14" in final.stdout
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+
+
 def max_difference(first: Path, second: Path) -> float:
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     return max((a[name] - b[name]).abs().max().item() for name in a)
 
 
+def relative_difference(first: Path, second: Path) -> float:
+    """max |w_first - w_second| / max |w_second| over every weight."""
+    largest = max(weight.abs().max().item() for weight in load_file(second / "model.safetensors").values())
+    return max_difference(first, second) / largest
+
+
+def seeds_by_samples(record: Path) -> dict:
+    """{(step, sha256 of a micro-batch): the seed its random draws started from}, over every rank."""
+    seeds = {}
+    for rank_file in record.parent.glob(f"{record.name}.rank*"):
+        for line in rank_file.read_text().splitlines():
+            step, pairs = line.split("\t")
+            for pair in pairs.split(","):
+                digest, seed = pair.split("=")
+                seeds[(int(step), digest)] = int(seed)
+    return seeds
+
+
+@pytest.mark.parametrize("model", [TINY_MODEL, DEFAULT_MODEL], ids=["tiny", "built-in"])
 @pytest.mark.parametrize("before, after", [(TWO_RANKS, ONE_RANK), (ONE_RANK, TWO_RANKS)], ids=["2to1", "1to2"])
-def test_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path, session_env, corpus, reference_runs, before, after):
-    # Global batch 8 either way: 2 ranks x 4 x accumulation 1, or 1 rank x 4 x accumulation 2.
+def test_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path, session_env, corpus, reference_runs, before, after, model):
+    # Global batch 8 either way: 2 ranks x 4 x accumulation 1, or 1 rank x 4 x accumulation 2. Both models have dropout 0.1.
     accumulation = 1 if before is TWO_RANKS else 2
-    flags = tiny_flags(corpus, config_name=NO_DROPOUT, gradient_accumulation_steps=accumulation, **FLAGS)
-    reference = reference_runs(flags, launcher=before)
+    steps = 40 if model is DEFAULT_MODEL else 60  # the built-in model takes longer: a shorter run
+    flags = tiny_flags(corpus, config_name=model, gradient_accumulation_steps=accumulation, **{**FLAGS, "max_steps": steps})
+    reference = tmp_path / "reference"
+    record = {"HARNESS_RECORD_SEEDS": str(tmp_path / "reference.seeds")}
+    assert train(session_env, reference, flags, launcher=before, harness_env=record).returncode == 0
     output_dir = tmp_path / "run"
     run = Training(session_env, output_dir, flags, launcher=before)
     run.wait_for(r"Saved checkpoint-35")  # mid-epoch (step 10 of epoch 2)
     run.signal_group(signal.SIGKILL)
     run.finish()
 
-    resumed = train(session_env, output_dir, flags, launcher=after)
+    record = {"HARNESS_RECORD_SEEDS": str(tmp_path / "resumed.seeds")}
+    resumed = train(session_env, output_dir, flags, launcher=after, harness_env=record)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     if before is TWO_RANKS:
         assert "world size 2 → 1: gradient accumulation 1 → 2, global batch 8 unchanged" in resumed.stdout
     else:
         assert "world size 1 → 2: gradient accumulation 2 → 1, global batch 8 unchanged" in resumed.stdout
     state = json.loads((output_dir / "trainer_state.json").read_text())
-    assert state["samples_seen"] == 480 and state["global_step"] == 60
-    # Same samples in the same steps; only the order of float additions differs.
+    assert state["samples_seen"] == 8 * steps and state["global_step"] == steps
+    # Every micro-batch after the resume started its random draws (dropout) from the seed the
+    # same samples had in the uninterrupted run, although another rank or slot trained them.
+    expected, seen = seeds_by_samples(tmp_path / "reference.seeds"), seeds_by_samples(tmp_path / "resumed.seeds")
+    assert len(expected) == 8 // 4 * steps and set(seen) == {(step, digest) for step, digest in expected if step > 35}
+    assert all(seen[key] == expected[key] for key in seen)
+    # Same samples and dropout masks in the same steps; only the order of float additions differs.
     assert max_difference(output_dir, reference) < 1e-5
+    assert relative_difference(output_dir, reference) < 1e-5
 
 
 def test_global_batch_that_cannot_be_kept_is_refused(tmp_path, session_env, corpus):
