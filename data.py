@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import sysconfig
 from pathlib import Path
 
@@ -197,18 +198,97 @@ def prepare_datasets(config, tokenizer, accelerator) -> tuple:
     return train, validation, names
 
 
-def make_dataloaders(config, train_data, eval_data, tokenizer, per_device_batch: int) -> tuple:
-    """(training loader, evaluation loader or None). The training order is shuffled from --seed and the epoch."""
+def load_training_data(config, tokenizer, accelerator) -> tuple:
+    """(training data, evaluation data or None, label names or None), before anything is written.
+
+    The training data is a tokenized `datasets.Dataset`, or with --streaming the list of files
+    that streaming.TrainingStream reads while training (only the evaluation data is loaded here).
+    """
+    if not config.streaming:
+        return prepare_datasets(config, tokenizer, accelerator)
+    import streaming
+
+    files = streaming.expand_train_files(config.train_file)
+    names = streaming.stream_label_names(files, config) if config.task == "sequence-classification" else None
+    return files, streaming.validation_data(config, tokenizer, accelerator, names), names
+
+
+def training_batches(config, train_data, tokenizer, accelerator, plan, label_names=None):
+    """The run's optimizer steps: EpochBatches over a Dataset, or a TrainingStream over files (--streaming).
+
+    Either has steps_per_epoch (0 for a stream), total_steps, fingerprint, samples and a
+    `dataloader` for accelerator.prepare (None for a stream, which shards itself).
+    """
     import torch
 
-    collate = Collator(config.task, tokenizer.pad_token_id)
-    train_dataloader = None  # --streaming: streaming.TrainingStream instead
-    if train_data is not None:
-        train_dataloader = torch.utils.data.DataLoader(
-            train_data, batch_size=per_device_batch, shuffle=True, drop_last=True,
-            collate_fn=collate, num_workers=config.dataloader_num_workers,
-        )  # fmt: skip
-    eval_dataloader = None
-    if eval_data is not None:
-        eval_dataloader = torch.utils.data.DataLoader(eval_data, batch_size=config.per_device_eval_batch_size, collate_fn=collate)
-    return train_dataloader, eval_dataloader
+    if config.streaming:
+        import streaming
+
+        return streaming.training_stream(config, tokenizer, train_data, accelerator, plan, label_names)
+    steps_per_epoch = len(train_data) // plan.global_batch
+    if steps_per_epoch == 0:
+        raise DataError(f"the training data has {len(train_data)} blocks, fewer than one global batch of {plan.global_batch}; use more data or a smaller --per_device_train_batch_size")
+    dataloader = torch.utils.data.DataLoader(
+        train_data, batch_size=plan.per_device, shuffle=True, drop_last=True,
+        collate_fn=Collator(config.task, tokenizer.pad_token_id), num_workers=config.dataloader_num_workers,
+    )  # fmt: skip
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+    return EpochBatches(dataloader, steps_per_epoch, total_steps, fingerprint=train_data._fingerprint, samples=len(train_data))
+
+
+def eval_dataloader(config, eval_data, tokenizer):
+    import torch
+
+    if eval_data is None:
+        return None
+    return torch.utils.data.DataLoader(eval_data, batch_size=config.per_device_eval_batch_size, collate_fn=Collator(config.task, tokenizer.pad_token_id))
+
+
+class EpochBatches:
+    """Map-style training data as optimizer steps, epoch by epoch, in an order drawn from (seed, epoch).
+
+    The same interface as streaming.TrainingStream, so the loop does not care which it has.
+    """
+
+    epoch = None  # progress derives the epoch from the step (a stream counts its own)
+
+    def __init__(self, dataloader, steps_per_epoch: int, total_steps: int, fingerprint: str, samples: int):
+        self.dataloader = dataloader  # replaced by accelerator.prepare's
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.fingerprint, self.samples = fingerprint, samples
+
+    def optimizer_steps(self, global_step: int, total_steps: int, accumulation: int):
+        """The optimizer steps after `global_step` to the end of its epoch (or of training)."""
+        epoch, steps_done_in_epoch = divmod(global_step, self.steps_per_epoch)
+        steps_to_take = min(self.steps_per_epoch - steps_done_in_epoch, total_steps - global_step)
+        return optimizer_steps_of_epoch(self.dataloader, epoch, steps_done_in_epoch, steps_to_take, accumulation)
+
+    def close(self) -> None:
+        pass
+
+
+def optimizer_steps_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, accumulation):
+    """Yield lists of `accumulation` micro-batches: the optimizer steps still to take this epoch.
+
+    Mid-epoch (after a resume) the batches already trained on are skipped without being
+    loaded, so the next batch is the one the uninterrupted run took next.
+    """
+    from accelerate import skip_first_batches
+
+    import state
+
+    dataloader.set_epoch(epoch)  # the sample order is a function of (seed, epoch)
+    batches_to_skip = steps_done_in_epoch * accumulation
+    if batches_to_skip:
+        rng_before = state.capture_rng_state()
+        batches = iter(skip_first_batches(dataloader, batches_to_skip))
+        first = next(batches)
+        # Starting the skipping iterator drew from the global torch RNG, which the
+        # uninterrupted run did not do at this point: undo it, or dropout would differ.
+        state.restore_rng_state(rng_before)
+        batches = itertools.chain([first], batches)
+    else:
+        batches = iter(dataloader)
+    batches = itertools.islice(batches, steps_to_take * accumulation)
+    while step := list(itertools.islice(batches, accumulation)):
+        yield step

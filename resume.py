@@ -105,6 +105,13 @@ def plan_batches(config: TrainingConfig, world_size: int, checkpoint_state: Trai
     """Per-rank batch, accumulation and global batch; keeps a checkpoint's global batch on a new world size."""
     per_device = config.per_device_train_batch_size
     accumulation = config.gradient_accumulation_steps
+    if config.streaming:  # each process reads its own part of the stream: another number of them is not exact
+        import streaming
+
+        refusal_or_note = streaming.check_world_size(checkpoint_state, world_size, config.allow_config_change)
+        plan = plan_batches(dataclasses.replace(config, streaming=False), world_size, checkpoint_state)
+        plan.note = "\n".join(filter(None, [refusal_or_note, plan.note])) or None
+        return plan
     if checkpoint_state is None or checkpoint_state.world_size == world_size:
         return BatchPlan(per_device, accumulation, per_device * accumulation * world_size)
     global_batch = checkpoint_state.global_batch_size
@@ -123,7 +130,6 @@ def plan_batches(config: TrainingConfig, world_size: int, checkpoint_state: Trai
     return BatchPlan(per_device, accumulation, global_batch, note)
 
 
-
 def restore(accelerator, checkpoint: str, progress: TrainingState) -> tuple[list, list]:
     """Load model, optimizer, scheduler and RNG from `checkpoint` (every rank); put its progress into `progress`.
 
@@ -135,6 +141,29 @@ def restore(accelerator, checkpoint: str, progress: TrainingState) -> tuple[list
     progress.unlogged_steps = saved.unlogged_steps
     progress.unlogged_loss_sums = saved.unlogged_loss_sums
     progress.best_metric, progress.best_model_checkpoint = saved.best_metric, saved.best_model_checkpoint
+    return log_history
+
+
+def resume_or_start(accelerator, decision: StartDecision, run_args: dict, progress: TrainingState, allow_config_change: bool, train_batches) -> list:
+    """Every rank: load the chosen checkpoint into the prepared objects and `progress`, saying what it
+    does; the log_history to continue (empty for a new run). A result-changing difference from the
+    checkpoint's flags raises UsageError (unless allowed)."""
+    from config import compare_with_checkpoint
+
+    say = accelerator.print
+    if not decision.checkpoint:
+        say("🆕 Starting new training")
+        return []
+    for note in compare_with_checkpoint(run_args, decision.checkpoint_args, allow_config_change):
+        say(note)
+    for note in state.software_changes(decision.checkpoint, accelerator.device.type):
+        say(note)
+    say(f"🔄 Found checkpoint: {Path(decision.checkpoint).name}")
+    log_history = restore(accelerator, decision.checkpoint, progress)
+    progress.stream_epoch = train_batches.epoch  # a stream counts its own epochs (restored with it)
+    say(f"✅ Resumed from checkpoint (step {progress.global_step}, epoch {progress.epoch:.2f})")
+    if progress.global_step >= progress.total_steps:
+        say(f"✅ Training is already complete ({progress.global_step} of {progress.total_steps} steps); nothing to do")
     return log_history
 
 

@@ -368,9 +368,10 @@ class TrainingStream:
             batch = self.collate([{"input_ids": ids, "labels": label} for ids, label in examples])
         return {name: tensor.to(self.device) for name, tensor in batch.items()}
 
-    def optimizer_steps(self, steps_to_take: int, accumulation: int):
-        """Yield lists of `accumulation` micro-batches for the next `steps_to_take` optimizer steps."""
-        for _ in range(steps_to_take):
+    def optimizer_steps(self, global_step: int, total_steps: int, accumulation: int):
+        """Yield lists of `accumulation` micro-batches for the optimizer steps after `global_step`
+        up to `total_steps`: one endless pass, continuing from the restored position."""
+        for _ in range(total_steps - global_step):
             yield [self.next_batch() for _ in range(accumulation)]
 
     def close(self) -> None:
@@ -435,6 +436,16 @@ class TrainingStream:
 
         accelerator.register_save_state_pre_hook(save)
         accelerator.register_load_state_pre_hook(load)
+
+
+def training_stream(config, tokenizer, files: list[str], accelerator, plan, label_names=None) -> "TrainingStream":
+    """This rank's stream for the run, attached to save_state/load_state (its position is checkpointed)."""
+    stream = TrainingStream(config, tokenizer, files, accelerator.process_index, accelerator.num_processes, plan.per_device, accelerator.device, label_names)
+    stream.attach(accelerator)
+    stream.steps_per_epoch, stream.total_steps = 0, config.max_steps  # no known length: --max_steps is required
+    stream.fingerprint = stream_identity(files) + f":shuffle_buffer_size={config.shuffle_buffer_size}"
+    stream.samples, stream.dataloader = None, None
+    return stream
 
 
 def check_world_size(checkpoint_state, world_size: int, allow_change: bool):

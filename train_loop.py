@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import itertools
 import logging
-import math
 import os
 import sys
 import time
@@ -33,13 +31,13 @@ from pathlib import Path
 import lora
 import resume
 import state
-import streaming
-from config import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, TrainingConfig, UsageError, compare_with_checkpoint, parse_config, parse_duration
-from data import DataError, input_identities, make_dataloaders, prepare_datasets
+from config import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, TrainingConfig, UsageError, parse_config, parse_duration
+from data import DataError, eval_dataloader, input_identities, load_training_data, training_batches
 from evaluation import evaluate, is_better
 from model import apply_training_switches, build_model, build_optimizer, build_tokenizer, loss_of, model_identity, own_model_files
 from randomness import enable_full_determinism, micro_batch_seeds, seed_micro_batch
 from reporting import TrainingLog
+from saving import CheckpointSaver
 from state import TrainingState
 from stopping import Deadline, StopCheck, StopRequests, process_start_time
 from trackers import Trackers
@@ -56,20 +54,13 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     accelerator = build_accelerator(config)
     say = accelerator.print
     world_size = accelerator.num_processes
-    output_dir = Path(config.output_dir)
     say(describe_processes(accelerator, precision_source=config.precision_requested[1]))
 
     # ---- data and model: every bad input is found here, before anything is written
     tokenizer = build_tokenizer(config)
-    if config.streaming:  # read lazily while training (streaming.py); only the evaluation data is loaded here
-        train_files = streaming.expand_train_files(config.train_file)
-        label_names = streaming.stream_label_names(train_files, config) if config.task == "sequence-classification" else None
-        train_data, eval_data = None, streaming.validation_data(config, tokenizer, accelerator, label_names)
-    else:
-        train_data, eval_data, label_names = prepare_datasets(config, tokenizer, accelerator)
+    train_data, eval_data, label_names = load_training_data(config, tokenizer, accelerator)
     set_seed(config.seed)
-    model = build_model(config, tokenizer, label_names)
-    model, switches_record = apply_training_switches(model, config)  # checkpointing, LoRA, compile
+    model, switches_record = apply_training_switches(build_model(config, tokenizer, label_names), config)  # checkpointing, LoRA, compile
 
     # ---- where to start: decided once on the main process (which takes the lock), shared with every rank
     decision = resume.decide_start(config, accelerator)
@@ -77,69 +68,39 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         if accelerator.is_main_process:
             print(f"error: {decision.error}", file=sys.stderr)
         return decision.exit_code
-    for note in decision.notes:
+    plan = resume.plan_batches(config, world_size, decision.checkpoint_state)
+    for note in decision.notes + ([plan.note] if plan.note else []):
         say(note)
-    if config.streaming and (note := streaming.check_world_size(decision.checkpoint_state, world_size, config.allow_config_change)):
-        say(note)
-    batches = resume.plan_batches(config, world_size, decision.checkpoint_state)
-    if batches.note:
-        say(batches.note)
 
     # ---- batches, optimizer, schedule
-    stream = None
-    if config.streaming:  # no known length: --max_steps is required, the stream counts its own epochs
-        steps_per_epoch, total_steps = 0, config.max_steps
-        stream = streaming.TrainingStream(config, tokenizer, train_files, accelerator.process_index, world_size, batches.per_device, accelerator.device, label_names)
-        stream.attach(accelerator)  # its position is saved and loaded inside save_state / load_state
-        data_fingerprint = streaming.stream_identity(train_files) + f":shuffle_buffer_size={config.shuffle_buffer_size}"
-    else:
-        steps_per_epoch = len(train_data) // batches.global_batch
-        if steps_per_epoch == 0:
-            raise UsageError(f"the training data has {len(train_data)} blocks, fewer than one global batch of {batches.global_batch}; use more data or a smaller --per_device_train_batch_size")
-        total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
-        data_fingerprint = train_data._fingerprint
-    train_dataloader, eval_dataloader = make_dataloaders(config, train_data, eval_data, tokenizer, batches.per_device)
+    train_batches = training_batches(config, train_data, tokenizer, accelerator, plan, label_names)
+    total_steps = train_batches.total_steps
     optimizer = build_optimizer(model, config)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
-    model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
+    model, optimizer, train_batches.dataloader, scheduler = accelerator.prepare(model, optimizer, train_batches.dataloader, scheduler)
     if config.use_lora:
         lora.checkpoint_only_what_trains(accelerator)
-    if eval_dataloader is not None:
-        eval_dataloader = accelerator.prepare(eval_dataloader)
-    eval_steps = config.eval_steps or config.save_steps
+    evaluation_batches = accelerator.prepare(eval_dataloader(config, eval_data, tokenizer)) if eval_data is not None else None
     run_args = {
         **config.result_defining_args(), "model_config": model_identity(config), **input_identities(config, tokenizer),
-        "world_size": world_size, "global_batch_size": batches.global_batch, "gradient_accumulation_steps": batches.accumulation,
-        "data_fingerprint": data_fingerprint, "train_samples": None if stream else len(train_data),
+        "world_size": world_size, "global_batch_size": plan.global_batch, "gradient_accumulation_steps": plan.accumulation,
+        "data_fingerprint": train_batches.fingerprint, "train_samples": train_batches.samples,
         "mixed_precision": accelerator.mixed_precision, **switches_record,
     }  # fmt: skip
 
     # ---- resume
     progress = TrainingState(
-        total_steps=total_steps, steps_per_epoch=steps_per_epoch, global_batch_size=batches.global_batch, world_size=world_size,
-        per_device_train_batch_size=batches.per_device, gradient_accumulation_steps=batches.accumulation,
+        total_steps=total_steps, steps_per_epoch=train_batches.steps_per_epoch, global_batch_size=plan.global_batch,
+        world_size=world_size, per_device_train_batch_size=plan.per_device, gradient_accumulation_steps=plan.accumulation,
     )  # fmt: skip
-    log_history = []
-    if decision.checkpoint:
-        for note in compare_with_checkpoint(run_args, decision.checkpoint_args, config.allow_config_change):
-            say(note)
-        for note in state.software_changes(decision.checkpoint, accelerator.device.type):
-            say(note)
-        say(f"🔄 Found checkpoint: {Path(decision.checkpoint).name}")
-        log_history = resume.restore(accelerator, decision.checkpoint, progress)
-        progress.stream_epoch = stream.epoch if stream else None
-        say(f"✅ Resumed from checkpoint (step {progress.global_step}, epoch {progress.epoch:.2f})")
-        if progress.global_step >= total_steps:
-            say(f"✅ Training is already complete ({progress.global_step} of {total_steps} steps); nothing to do")
-    else:
-        say("🆕 Starting new training")
-    run_history = resume.record_start(accelerator, decision, output_dir, progress.global_step)
+    log_history = resume.resume_or_start(accelerator, decision, run_args, progress, config.allow_config_change, train_batches)
+    run_history = resume.record_start(accelerator, decision, Path(config.output_dir), progress.global_step)
     deadline = Deadline(parse_duration(config.max_time) if config.max_time else None, process_start_time(), estimated_save_seconds(model))
     if deadline.at is not None:
         say(f"⏰ Will stop with a checkpoint before {deadline.describe()}")
     stopping = StopCheck(stop, world_size, deadline)
     trackers = Trackers(accelerator, config, progress, decision.checkpoint_state)  # the same W&B / MLflow run on every resume
-    log = TrainingLog(accelerator, progress, log_history, run_history, output_dir, trackers)
+    log = TrainingLog(accelerator, progress, log_history, run_history, Path(config.output_dir), trackers)
     saver = CheckpointSaver(accelerator, model, config, run_args, deadline, log, saved_step=progress.global_step if decision.checkpoint else None)
 
     # ---- the loop
@@ -147,18 +108,12 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     if stopping.requested(at_step_boundary=False):  # signalled while loading
         return stop_early(accelerator, stopping, saver, log, progress)
     step_began = time.monotonic()
-    while progress.global_step < total_steps:
-        if stream:  # one endless pass; the stream resumed at its saved position
-            steps = stream.optimizer_steps(total_steps - progress.global_step, batches.accumulation)
-        else:
-            epoch, steps_done_in_epoch = divmod(progress.global_step, steps_per_epoch)
-            steps_to_take = min(steps_per_epoch - steps_done_in_epoch, total_steps - progress.global_step)
-            steps = optimizer_steps_of_epoch(train_dataloader, epoch, steps_done_in_epoch, steps_to_take, batches.accumulation)
-        for micro_batches in steps:
-            seeds = micro_batch_seeds(config.seed, progress.global_step + 1, accelerator.process_index, world_size, batches.accumulation)
+    while progress.global_step < total_steps:  # an epoch per round (a stream: one endless round)
+        for micro_batches in train_batches.optimizer_steps(progress.global_step, total_steps, plan.accumulation):
+            seeds = micro_batch_seeds(config.seed, progress.global_step + 1, accelerator.process_index, world_size, plan.accumulation)
             loss = train_step(accelerator, model, optimizer, scheduler, micro_batches, config.max_grad_norm, seeds)
             progress.global_step += 1
-            progress.stream_epoch = stream.epoch if stream else None
+            progress.stream_epoch = train_batches.epoch
             log.add_step(loss)
             now = time.monotonic()
             deadline.record_step(now - step_began)
@@ -169,8 +124,8 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
                 log.log_training(learning_rate=scheduler.get_last_lr()[0])
             log.bar.advance()
 
-            if eval_dataloader is not None and (progress.global_step % eval_steps == 0 or last_step):
-                metrics = evaluate(accelerator, model, eval_dataloader, config.task)
+            if evaluation_batches is not None and (progress.global_step % (config.eval_steps or config.save_steps) == 0 or last_step):
+                metrics = evaluate(accelerator, model, evaluation_batches, config.task)
                 log.log_evaluation(metrics)
                 if config.best_metric_name and is_better(metrics[config.best_metric_name], progress.best_metric, config.best_is_greater):
                     progress.best_metric = metrics[config.best_metric_name]
@@ -184,22 +139,12 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
                 saver.save(progress, "final step" if last_step else "every --save_steps")
     stopping.settle()
     log.bar.close()
-    if stream:
-        stream.close()
+    train_batches.close()
 
     # ---- the end: the final model, loadable with from_pretrained (or load_own_model for --model_module)
     saver.save(progress, "final step")
     saver.wait()
-    if config.load_best_model_at_end and progress.best_model_checkpoint:
-        state.load_model_weights(accelerator.unwrap_model(model), output_dir / progress.best_model_checkpoint / "model.safetensors")
-        say(f"🏆 The final model is the best one: {progress.best_model_checkpoint} ({config.best_metric_name} {progress.best_metric})")
-    full_state_dict = accelerator.get_state_dict(model)  # a collective under FSDP / ZeRO-3: every rank
-    if accelerator.is_main_process:
-        state.save_final_model(accelerator.unwrap_model(model), tokenizer, output_dir, full_state_dict, extra_files=own_model_files(config))
-        if config.merge_lora:  # the adapter is in OUTPUT_DIR; the merged model beside it, for from_pretrained
-            state.save_final_model(lora.merged(accelerator.unwrap_model(model)), tokenizer, output_dir / "merged", None)
-        log.write_live_state(stop_reason="complete", training_complete=True)
-        say(f"🏁 Training complete: {total_steps} steps. Final model in {output_dir}")
+    write_final_model(accelerator, model, tokenizer, config, progress, log)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also tears down the process group
     return EXIT_DONE
@@ -228,113 +173,6 @@ def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad
     return step_loss
 
 
-def optimizer_steps_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, accumulation):
-    """Yield lists of `accumulation` micro-batches: the optimizer steps still to take this epoch.
-
-    Mid-epoch (after a resume) the batches already trained on are skipped without being
-    loaded, so the next batch is the one the uninterrupted run took next.
-    """
-    from accelerate import skip_first_batches
-
-    dataloader.set_epoch(epoch)  # the sample order is a function of (seed, epoch)
-    batches_to_skip = steps_done_in_epoch * accumulation
-    if batches_to_skip:
-        rng_before = state.capture_rng_state()
-        batches = iter(skip_first_batches(dataloader, batches_to_skip))
-        first = next(batches)
-        # Starting the skipping iterator drew from the global torch RNG, which the
-        # uninterrupted run did not do at this point: undo it, or dropout would differ.
-        state.restore_rng_state(rng_before)
-        batches = itertools.chain([first], batches)
-    else:
-        batches = iter(dataloader)
-    batches = itertools.islice(batches, steps_to_take * accumulation)
-    while step := list(itertools.islice(batches, accumulation)):
-        yield step
-
-
-class CheckpointSaver:
-    """Saves at a step boundary: every rank calls `save`, `poll` at every step boundary and `wait` before it stops.
-
-    A step is saved at most once (a stop right after a --save_steps save writes nothing more).
-    With --async_save true, `save` only snapshots the state and a background thread writes it
-    (background_save.py holds the contract); the checkpoint is rotated and reported when `poll`
-    or `wait` sees it visible. A second save waits for the first. The save's duration (the
-    whole write, not the loop's pause) feeds the deadline's margin.
-    """
-
-    def __init__(self, accelerator, model, config: TrainingConfig, run_args: dict, deadline: Deadline, log: TrainingLog, saved_step: int | None):
-        self.accelerator, self.model, self.config, self.run_args = accelerator, model, config, run_args
-        self.deadline, self.log = deadline, log
-        self.saved_step = saved_step  # the step whose state is on disk already (or being written), if any
-        self.background = None
-        self.memory_checked = False
-        if config.async_save == "true":
-            import background_save  # imports torch: not before main() starts the --max_time clock
-
-            reason = background_save.unsupported_reason(accelerator)
-            if reason:
-                accelerator.print(f"⚠️  --async_save: not with {reason}; saving synchronously")
-            else:
-                self.background = background_save.BackgroundSaver(accelerator)
-
-    def save(self, progress: TrainingState, reason: str) -> None:
-        if self.saved_step == progress.global_step:
-            return  # this exact state is on disk already
-        output_dir = Path(self.config.output_dir)
-        progress.unlogged_loss_sums = self.log.unlogged_loss_sums()
-        if self.background is not None and self.background_fits():
-            began = time.monotonic()
-            self.wait()  # one save at a time: its buffers are the next snapshot's
-            self.background.start(self.model, output_dir, progress, self.log.history, self.log.run_history, self.run_args, reason, began)
-            self.saved_step = progress.global_step
-            self.deadline.save_in_flight = True
-            return
-        began = time.monotonic()
-        path = state.save_checkpoint(self.accelerator, self.model, output_dir, progress, self.log.history, self.log.run_history, self.run_args)
-        self.saved_step = progress.global_step
-        seconds = time.monotonic() - began
-        self.saved(path, reason, f"{seconds:.2f}s", seconds)
-
-    def poll(self) -> None:
-        """At every step boundary, every rank: report a background save that became visible."""
-        if self.background is not None and (done := self.background.poll()):
-            self.background_saved(done)
-
-    def wait(self) -> None:
-        """Every rank: return once no save is in flight (it is visible, or SaveFailed was raised)."""
-        if self.background is not None and (done := self.background.wait()):
-            self.background_saved(done)
-
-    def background_fits(self) -> bool:
-        """Decided once, at the first save (the optimizer's state exists by then), by every rank together."""
-        if not self.memory_checked:
-            self.memory_checked = True
-            needed = self.background.snapshot_bytes()
-            fits, available = self.background.snapshot_fits(needed)
-            if not fits:
-                print(f"⚠️  --async_save: a copy of the state needs {state.human_bytes(needed)} of host memory, "
-                      f"{state.human_bytes(available)} is available; saving synchronously", flush=True)  # fmt: skip
-            if not state._all_ranks_succeeded(self.accelerator, fits):
-                self.background = None
-        return self.background is not None
-
-    def background_saved(self, done) -> None:
-        self.deadline.save_in_flight = False
-        self.saved(done.path, done.reason, f"loop blocked {done.blocked_seconds:.2f}s, written in {done.write_seconds:.2f}s", done.write_seconds)
-
-    def saved(self, path: Path, reason: str, times: str, write_seconds: float) -> None:
-        """A checkpoint is complete and visible: rotate (main process) and report."""
-        self.deadline.save_seconds = write_seconds
-        if self.accelerator.is_main_process:
-            output_dir = Path(self.config.output_dir)
-            best = (output_dir / self.log.progress.best_model_checkpoint,) if self.log.progress.best_model_checkpoint else ()
-            deleted = state.rotate_checkpoints(output_dir, self.config.save_total_limit, protect=best)
-            gone = f", removed {', '.join(p.name for p in deleted)}" if deleted else ""
-            self.accelerator.print(f"💾 Saved {path.name} ({reason}, {times}{gone})")
-            self.log.write_live_state(steps_per_second=self.log.bar.steps_per_second())
-
-
 def stop_early(accelerator, stopping: StopCheck, saver: CheckpointSaver, log: TrainingLog, progress: TrainingState) -> int:
     """Every rank, at the same step boundary: save this step, say how to continue, exit 75."""
     log.bar.close()
@@ -346,6 +184,21 @@ def stop_early(accelerator, stopping: StopCheck, saver: CheckpointSaver, log: Tr
     accelerator.print("▶️  To continue, run the same command again.")
     accelerator.end_training()  # last: it also tears down the process group
     return EXIT_STOPPED_EARLY
+
+
+def write_final_model(accelerator, model, tokenizer, config: TrainingConfig, progress: TrainingState, log: TrainingLog) -> None:
+    """Every rank: the final model into OUTPUT_DIR (the best checkpoint's with --load_best_model_at_end)."""
+    output_dir = Path(config.output_dir)
+    if config.load_best_model_at_end and progress.best_model_checkpoint:
+        state.load_model_weights(accelerator.unwrap_model(model), output_dir / progress.best_model_checkpoint / "model.safetensors")
+        accelerator.print(f"🏆 The final model is the best one: {progress.best_model_checkpoint} ({config.best_metric_name} {progress.best_metric})")
+    full_state_dict = accelerator.get_state_dict(model)  # a collective under FSDP / ZeRO-3: every rank
+    if accelerator.is_main_process:
+        state.save_final_model(accelerator.unwrap_model(model), tokenizer, output_dir, full_state_dict, extra_files=own_model_files(config))
+        if config.merge_lora:  # the adapter is in OUTPUT_DIR; the merged model beside it, for from_pretrained
+            state.save_final_model(lora.merged(accelerator.unwrap_model(model)), tokenizer, output_dir / "merged", None)
+        log.write_live_state(stop_reason="complete", training_complete=True)
+        accelerator.print(f"🏁 Training complete: {progress.total_steps} steps. Final model in {output_dir}")
 
 
 # --------------------------------------------------------------------------- setting up the process
