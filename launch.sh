@@ -51,6 +51,15 @@ if [[ "${1:-}" == "--retries" ]]; then
 fi
 
 num_processes=${NUM_PROCESSES:-1}
+# Threads per process. Unless the config says use_cpu, `accelerate launch` sets OMP_NUM_THREADS=1
+# when it is unset (accelerate/commands/launch.py, _validate_launch_command), so on a CPU-only
+# machine one process computed on one core of all of them: 0.80x a plain `python` loop on 2 cores.
+# Give each process its share of the cores we may use (nproc honours taskset and SLURM's
+# allocation), as torch would for one process; a user's own OMP_NUM_THREADS wins.
+# (Stand-in until launch.sh's supervision moves to Python, issue 12, which does the same.)
+if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+    export OMP_NUM_THREADS=$(( $(nproc) / num_processes > 0 ? $(nproc) / num_processes : 1 ))
+fi
 launcher=(accelerate launch --quiet --config_file "$HERE/accelerate_config.yaml" --num_processes "$num_processes")
 if (( num_processes > 1 )); then
     launcher+=(--multi_gpu)
