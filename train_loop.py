@@ -757,7 +757,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         last_saved_step = progress.global_step
         if accelerator.is_main_process:
             best = (output_dir / progress.best_model_checkpoint,) if progress.best_model_checkpoint else ()
-            deleted = state.rotate_checkpoints(output_dir, config.save_total_limit, protect=best)
+            deleted = state.rotate_checkpoints(output_dir, config.save_total_limit, protect=best, in_background=True)
             gone = f", removed {', '.join(p.name for p in deleted)}" if deleted else ""
             say(f"💾 Saved {path.name} ({reason}, {deadline.save_seconds:.2f}s{gone})")
             live_state.write(progress, log_history, run_history, steps_per_second=progress_bar.steps_per_second())
@@ -851,6 +851,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     full_state_dict = accelerator.get_state_dict(model)  # a collective under FSDP / ZeRO-3: every rank
     if accelerator.is_main_process:
         state.save_final_model(accelerator.unwrap_model(model), tokenizer, output_dir, full_state_dict)
+        state.wait_for_removals()  # a failed deletion of an old checkpoint is reported, not lost at exit
         live_state.write(progress, log_history, run_history, stop_reason="complete", training_complete=True)
         say(f"🏁 Training complete: {total_steps} steps. Final model in {output_dir}")
     accelerator.wait_for_everyone()

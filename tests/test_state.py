@@ -104,6 +104,27 @@ def test_rotation_keeps_the_newest_k_and_protected_ones(tmp_path):
     assert left == [2000, 10000, 20000, 30000]
 
 
+def test_rotation_in_the_background_hides_at_once_and_deletes_before_the_next_save(tmp_path):
+    for step in (100, 200, 300):
+        make_checkpoint(tmp_path, step)
+    deleted = state.rotate_checkpoints(tmp_path, keep=2, in_background=True)
+    assert [p.name for p in deleted] == ["checkpoint-100"]
+    # Gone for every reader the moment rotation returns, whether or not the thread has run yet.
+    assert [state.checkpoint_step(p) for p in state.list_checkpoints(tmp_path)] == [200, 300]
+    assert state.newest_valid_checkpoint(tmp_path).name == "checkpoint-300"
+    state.check_free_space(tmp_path, model=None)  # what every save does first: waits for the deletion
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-200", "checkpoint-300"]
+
+
+def test_a_deletion_cut_short_by_a_kill_is_finished_on_the_next_start(tmp_path):
+    make_checkpoint(tmp_path, 100)
+    leftover = make_checkpoint(tmp_path, 50)
+    leftover = leftover.rename(tmp_path / ".removing-checkpoint-50")
+    (leftover / "model.safetensors").unlink()  # the kill came in the middle of the rmtree
+    assert state.clean_leftovers(tmp_path) == []  # not a save that was interrupted: nothing to report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-100"]
+
+
 def test_rotation_never_deletes_the_newest(tmp_path):
     make_checkpoint(tmp_path, 5)
     assert state.rotate_checkpoints(tmp_path, keep=1) == []
