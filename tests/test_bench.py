@@ -65,3 +65,17 @@ def test_interval_advice_measures_saves_and_steps_of_a_real_run(session_env, tmp
     between_saves = [float(row[1].split()[0]) * (60 if row[1].endswith("min") else 1) for row in rows]
     assert 0 < between_saves[0] < between_saves[1] < between_saves[2]
     assert all(number(row[2]) >= 0 for row in rows)
+
+
+def test_launch_speed_benchmark_times_launch_sh_and_the_plain_loop_in_alternation(session_env):
+    [row] = run_bench(session_env, "launch_speed.py", "--models", "32x1", "--rounds", 2, "--block_size", 32,
+                      "--warmup_steps", 10, "--measured_steps", 40, "--logging_steps", 10, "--corpus_lines", 1000)  # fmt: skip
+    assert row[0] == "32x1" and len(row[2].split(", ")) == 2  # one ratio per round
+    assert 0.1 < number(row[1].split()[0]) < 10 and number(row[3]) > 0 and number(row[4]) > 0
+
+
+def test_save_in_loop_benchmark_sets_the_launched_loop_beside_the_direct_write(session_env):
+    [row] = run_bench(session_env, "save_in_loop.py", "--models", "64x2", "--rounds", 1, "--cycles", 2, "--repeats", 1, "--corpus_lines", 500)
+    parameters, megabytes = number(row[1]), number(row[2])
+    assert 11 < megabytes * 1e6 / parameters < 14  # the same state as bench/save_cost.py writes
+    assert number(row[4]) >= 0 and all(number(cell) > 0 for cell in (row[6], row[7], row[8]))  # stall and cycle difference: noise at this size
