@@ -65,6 +65,16 @@ def out_of_loop(shape: str, repeats: int, env: dict, directory: Path) -> dict:
     return {"parameters": int(cells[1].replace(",", "")), "megabytes": float(cells[2]), "save": float(cells[3]), "direct": float(cells[4])}
 
 
+def print_row(name, shape, rounds) -> None:
+    median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    ratios = [r["one_save"] / r["direct"] for r in rounds]
+    out_ratios = [r["save"] / r["direct"] for r in rounds]
+    print(f"| {name} ({shape}) | {rounds[0]['parameters']:,} | {rounds[0]['megabytes']:.1f} | {median['one_save']:.3f} | "
+          f"{median['in_loop_checkpoint']:.2f} | {median['cycle_difference']:.3f} | {median['first_save']:.2f} | {median['save']:.3f} | {median['direct']:.3f} | "
+          f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | {median['cycle_difference'] / median['direct']:.2f}x | "
+          f"{statistics.median(out_ratios):.2f}x |", flush=True)  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="25M, 100M or WIDTHxLAYERS")
@@ -77,6 +87,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     rows = []
+    print(f"batch {args.batch_size} x {args.block_size} tokens, --save_steps {SAVE_STEPS} --save_total_limit 2, {args.cycles} cycles of "
+          f"{SAVE_STEPS} steps per run, {args.rounds} rounds, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the start\n")  # fmt: skip
+    print("| model | parameters | checkpoint MB | in loop: one save, stall between step lines (s) | its save_checkpoint ('💾 Saved', s) "
+          "| cycle with save - cycle without (s) | first save of the run (s) | out of loop: save_checkpoint (s) | direct write (s) "
+          "| in loop (stall) / direct: median (range) | cycle difference / direct | out of loop / direct |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         corpus = scratch / "corpus.txt"
@@ -102,21 +118,8 @@ def main(argv=None) -> int:
                 in_loop_checkpoint = statistics.median(seconds for step, seconds in saved.items() if 3 * SAVE_STEPS <= step < 3 * SAVE_STEPS + args.cycles * SAVE_STEPS)  # fmt: skip
                 rounds.append({"one_save": one_save, "cycle_difference": cycle_difference, "in_loop_checkpoint": in_loop_checkpoint, "first_save": saved[SAVE_STEPS], **measured["out"]})
             rows.append((name, shape, rounds))
+            print_row(name, shape, rounds)  # as soon as it is measured: the 100M model takes long
 
-    print(f"batch {args.batch_size} x {args.block_size} tokens, --save_steps {SAVE_STEPS} --save_total_limit 2, {args.cycles} cycles of "
-          f"{SAVE_STEPS} steps per run, {args.rounds} rounds, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end\n")  # fmt: skip
-    print("| model | parameters | checkpoint MB | in loop: one save, stall between step lines (s) | its save_checkpoint ('💾 Saved', s) "
-          "| cycle with save - cycle without (s) | first save of the run (s) | out of loop: save_checkpoint (s) | direct write (s) "
-          "| in loop (stall) / direct: median (range) | cycle difference / direct | out of loop / direct |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, shape, rounds in rows:
-        median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-        ratios = [r["one_save"] / r["direct"] for r in rounds]
-        out_ratios = [r["save"] / r["direct"] for r in rounds]
-        print(f"| {name} ({shape}) | {rounds[0]['parameters']:,} | {rounds[0]['megabytes']:.1f} | {median['one_save']:.3f} | "
-              f"{median['in_loop_checkpoint']:.2f} | {median['cycle_difference']:.3f} | {median['first_save']:.2f} | {median['save']:.3f} | {median['direct']:.3f} | "
-              f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | {median['cycle_difference'] / median['direct']:.2f}x | "
-              f"{statistics.median(out_ratios):.2f}x |")  # fmt: skip
     print("\neach round (in loop / direct):", json.dumps({name: [round(r["one_save"] / r["direct"], 3) for r in rounds] for name, _, rounds in rows}))
     return 0
 
