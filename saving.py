@@ -97,7 +97,7 @@ class CheckpointSaver:
         if self.accelerator.is_main_process:
             output_dir = Path(self.config.output_dir)
             best = (output_dir / self.log.progress.best_model_checkpoint,) if self.log.progress.best_model_checkpoint else ()
-            deleted = state.rotate_checkpoints(output_dir, self.config.save_total_limit, protect=best)
+            deleted = state.rotate_checkpoints(output_dir, self.config.save_total_limit, protect=best, in_background=True)
             gone = f", removed {', '.join(p.name for p in deleted)}" if deleted else ""
             self.accelerator.print(f"💾 Saved {path.name} ({reason}, {times}{gone})")
             self.log.write_live_state(steps_per_second=self.log.bar.steps_per_second())

@@ -197,6 +197,7 @@ def write_final_model(accelerator, model, tokenizer, config: TrainingConfig, pro
         state.save_final_model(accelerator.unwrap_model(model), tokenizer, output_dir, full_state_dict, extra_files=own_model_files(config))
         if config.merge_lora:  # the adapter is in OUTPUT_DIR; the merged model beside it, for from_pretrained
             state.save_final_model(lora.merged(accelerator.unwrap_model(model)), tokenizer, output_dir / "merged", None)
+        state.wait_for_deletions()  # a failed deletion of an old checkpoint is reported, not lost at exit
         log.write_live_state(stop_reason="complete", training_complete=True)
         accelerator.print(f"🏁 Training complete: {progress.total_steps} steps. Final model in {output_dir}")
 

@@ -131,3 +131,18 @@ def test_elastic_resume_benchmark_resumes_on_the_other_number_of_processes(sessi
     rows = run_bench(session_env, "elastic_resume.py", "--max_steps", 12, "--save_steps", 5, "--kill_at", 7, "--corpus_lines", 500, timeout=900)
     assert [row[0] for row in rows] == ["2 → 1", "1 → 2"]
     assert all(0 <= number(row[1]) < 1e-5 for row in rows)
+
+
+@pytest.mark.slow
+def test_launch_speed_benchmark_times_launch_sh_and_the_plain_loop_in_alternation(session_env):
+    [row] = run_bench(session_env, "launch_speed.py", "--models", "32x1", "--rounds", 2, "--block_size", 32,
+                      "--warmup_steps", 10, "--measured_steps", 40, "--logging_steps", 10, "--corpus_lines", 1000)  # fmt: skip
+    assert row[0] == "32x1" and len(row[2].split(", ")) == 2  # one ratio per round
+    assert 0.1 < number(row[1].split()[0]) < 10 and number(row[3]) > 0 and number(row[4]) > 0
+
+
+def test_save_in_loop_benchmark_sets_the_launched_loop_beside_the_direct_write(session_env):
+    [row] = run_bench(session_env, "save_in_loop.py", "--models", "64x2", "--rounds", 1, "--cycles", 2, "--repeats", 1, "--corpus_lines", 500)
+    parameters, megabytes = number(row[1]), number(row[2])
+    assert 11 < megabytes * 1e6 / parameters < 14  # the same state as bench/save_cost.py writes
+    assert number(row[4]) >= 0 and all(number(cell) > 0 for cell in (row[6], row[7], row[8]))  # stall and cycle difference: noise at this size

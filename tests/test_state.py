@@ -137,6 +137,18 @@ def test_deletion_moves_the_checkpoint_out_of_discovery_first_and_leftovers_are_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-100"]
 
 
+def test_rotation_in_the_background_hides_at_once_and_deletes_before_the_next_save(tmp_path):
+    for step in (100, 200, 300):
+        make_checkpoint(tmp_path, step)
+    deleted = state.rotate_checkpoints(tmp_path, keep=2, in_background=True)
+    assert [p.name for p in deleted] == ["checkpoint-100"]
+    # Gone for every reader the moment rotation returns, whether or not the thread has run yet.
+    assert [state.checkpoint_step(p) for p in state.list_checkpoints(tmp_path)] == [200, 300]
+    assert state.newest_valid_checkpoint(tmp_path).name == "checkpoint-300"
+    state.check_free_space(tmp_path, model=None)  # what every save does first: waits for the deletion
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-200", "checkpoint-300"]
+
+
 def test_rotation_never_deletes_the_newest(tmp_path):
     make_checkpoint(tmp_path, 5)
     assert state.rotate_checkpoints(tmp_path, keep=1) == []
