@@ -72,6 +72,15 @@ def descendants(pid: int) -> list[int]:
     return [grandchild for child in map(int, children) for grandchild in (child, *descendants(child))]
 
 
+def signal_all_at_once(pids, number) -> None:
+    """As a scheduler does: the same signal to every process, in one go (a process already gone is fine)."""
+    for pid in pids:
+        try:
+            os.kill(pid, number)
+        except ProcessLookupError:
+            pass
+
+
 class Training:
     """A training process we can watch and kill at a moment of our choosing."""
 

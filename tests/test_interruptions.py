@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import state
-from conftest import REPO, SAVE_MODES, Training, descendants, file_digest, tiny_flags, train
+from conftest import REPO, SAVE_MODES, Training, descendants, file_digest, signal_all_at_once, tiny_flags, train
 from test_multiprocess import TWO_RANKS
 
 FLAGS = dict(max_train_samples=200, gradient_accumulation_steps=2, max_steps=120, save_steps=50)
@@ -165,14 +165,6 @@ def blocked_signals(pid: int) -> set:
 
 def alive(pids) -> list[int]:
     return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
-
-
-def signal_all_at_once(pids, number) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, number)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])

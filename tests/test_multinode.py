@@ -3,7 +3,6 @@ sharing one output directory (as on a shared filesystem). The result equals the 
 single-machine run; a dead or hung machine ends the other within the collective timeout, with
 every complete checkpoint intact, and running both again resumes byte-identical."""
 
-import os
 import signal
 import socket
 import time
@@ -11,7 +10,7 @@ import time
 import pytest
 
 import state
-from conftest import REPO, Training, descendants, file_digest, tiny_flags
+from conftest import REPO, Training, descendants, file_digest, signal_all_at_once, tiny_flags
 from test_multiprocess import FLAGS, TWO_RANKS
 
 pytestmark = pytest.mark.slow
@@ -31,14 +30,6 @@ def start_machines(env, output_dir, flags) -> list[Training]:
                   "MAIN_PROCESS_PORT": port, "NUM_PROCESSES": "2"}, output_dir, flags, launcher=LAUNCH)
         for rank in (0, 1)
     ]  # fmt: skip
-
-
-def send(pids, number) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, number)
-        except ProcessLookupError:
-            pass
 
 
 def finish_both(machines) -> list[int]:
@@ -72,10 +63,10 @@ def test_a_dead_or_hung_machine_ends_the_other_in_bounded_time_and_both_resume_b
     machines[0].wait_for(r"step 20/60")
     victims = [machines[1].process.pid, *descendants(machines[1].process.pid)]
     stopped_at = time.monotonic()
-    send(victims, signal.SIGKILL if failure == "killed" else signal.SIGSTOP)  # every process of machine 1
+    signal_all_at_once(victims, signal.SIGKILL if failure == "killed" else signal.SIGSTOP)  # every process of machine 1
     survivor_code = machines[0].finish(timeout=180)
     waited = time.monotonic() - stopped_at
-    send(victims, signal.SIGKILL)
+    signal_all_at_once(victims, signal.SIGKILL)
     machines[1].finish(timeout=60)
 
     assert survivor_code not in (0, 75), machines[0].text[-3000:]

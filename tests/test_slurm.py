@@ -19,6 +19,24 @@ def cluster_is_up() -> bool:
     return answer.returncode == 0 and any(s in answer.stdout for s in ("idle", "mixed", "allocated"))
 
 
+def run_job(sbatch_arguments: list[str], output_dir, flags, env, log) -> tuple[dict, str]:
+    """Submit the job (a 1-minute limit, USR1 30 s before it), wait until the training is complete; (live state, job log)."""
+    *options, script = sbatch_arguments
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--time=1", f"--output={log}", f"--chdir={REPO}", "--signal=B:USR1@30", *options,
+         str(REPO / script), "--output_dir", str(output_dir), *flags],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    job_id = submitted.stdout.strip().split(";")[0]
+    try:
+        live = wait_for_the_end(job_id, output_dir)
+        text = log.read_text()
+        assert live.get("training_complete"), text[-3000:]
+    finally:
+        subprocess.run(["scancel", job_id])
+    return live, text
+
+
 def wait_for_the_end(job_id: str, output_dir, seconds: float = 900) -> dict:
     """The live trainer_state.json once training is complete, or once the job is gone from the queue."""
     live = {}
@@ -41,18 +59,7 @@ def test_job_hits_its_time_limit_saves_requeues_itself_and_finishes_byte_identic
     flags = tiny_flags(corpus, max_train_samples=200, max_steps=6000, save_steps=1000, logging_steps=500)
     reference = reference_runs(flags)
     output_dir, log = tmp_path / "run", tmp_path / "job.log"
-    submitted = subprocess.run(
-        ["sbatch", "--parsable", "--time=1", f"--output={log}", f"--chdir={REPO}", "--signal=B:USR1@30",
-         str(REPO / "slurm" / "train.sbatch"), "--output_dir", str(output_dir), *flags],
-        env=session_env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    job_id = submitted.stdout.strip().split(";")[0]
-    try:
-        live = wait_for_the_end(job_id, output_dir)
-        text = log.read_text()
-        assert live.get("training_complete"), text[-3000:]
-    finally:
-        subprocess.run(["scancel", job_id])
+    live, text = run_job(["slurm/train.sbatch"], output_dir, flags, session_env, log)
     assert "requeueing job" in text and "run 2 on" in text, text[-3000:]
     assert "Saved checkpoint-" in text and ("(SIGUSR1" in text or "(deadline" in text)
     resumes = [entry for entry in live["run_history"] if entry["event"] == "resume"]
@@ -70,18 +77,8 @@ def test_multinode_job_with_two_tasks_as_two_machines_requeues_itself_and_finish
     flags = tiny_flags(corpus, max_train_samples=200, max_steps=1500, save_steps=500, logging_steps=250)
     reference = reference_runs(flags, launcher=TWO_RANKS)  # the same two processes on one machine
     output_dir, log = tmp_path / "run", tmp_path / "job.log"
-    submitted = subprocess.run(
-        ["sbatch", "--parsable", "--time=1", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", f"--output={log}",
-         f"--chdir={REPO}", "--signal=B:USR1@30", str(REPO / "slurm" / "train-multinode.sbatch"), "--output_dir", str(output_dir), *flags],
-        env={**session_env, "MAIN_PROCESS_IP": "127.0.0.1"}, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    job_id = submitted.stdout.strip().split(";")[0]
-    try:
-        live = wait_for_the_end(job_id, output_dir)
-        text = log.read_text()
-        assert live.get("training_complete"), text[-3000:]
-    finally:
-        subprocess.run(["scancel", job_id])
+    two_tasks = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "slurm/train-multinode.sbatch"]
+    live, text = run_job(two_tasks, output_dir, flags, {**session_env, "MAIN_PROCESS_IP": "127.0.0.1"}, log)
     assert "2 machine(s) x 1 process(es)" in text and "on 2 machines" in text, text[-3000:]
     assert "requeueing job" in text and "run 2:" in text, text[-3000:]
     assert "Saved checkpoint-" in text and ("(SIGUSR1" in text or "(deadline" in text)
