@@ -321,7 +321,7 @@ def compare_with_checkpoint(now: dict, before: dict, allow_change: bool) -> list
     A LoRA checkpoint holds only the adapter: resuming it on another base model is refused
     even with --allow_config_change (the adapter was trained for those exact weights).
     """
-    before = {**ABSENT_FROM_OLDER_CHECKPOINTS, **before}
+    before, now = {**ABSENT_FROM_OLDER_CHECKPOINTS, **before}, {**ABSENT_FROM_OLDER_CHECKPOINTS, **now}
     fingerprints = before.get("base_model_fingerprint"), now.get("base_model_fingerprint")
     if all(fingerprints) and fingerprints[0] != fingerprints[1]:  # LoRA then and now (else the `lora` row below refuses)
         raise UsageError(

@@ -173,8 +173,9 @@ def test_the_first_step_compilation_included_does_not_count_in_the_deadlines_ste
 def test_what_a_resume_compares_old_checkpoints_precision_and_the_lora_base():
     from config import UsageError, compare_with_checkpoint
 
-    now = {"seed": 42, "mixed_precision": "no", "torch_compile": False, "gradient_checkpointing": False}
-    older = {"seed": 42}  # written before these flags existed: the same run
+    identities = {"data_content": "c0ffee"}  # recorded since inputs are compared by content (test_moving.py covers their absence)
+    now = {"seed": 42, "mixed_precision": "no", "torch_compile": False, "gradient_checkpointing": False, **identities}
+    older = {"seed": 42, **identities}  # written before these flags existed: the same run
     assert compare_with_checkpoint(now, older, allow_change=False) == []
     with pytest.raises(UsageError, match="mixed_precision"):
         compare_with_checkpoint({**now, "mixed_precision": "bf16"}, older, allow_change=False)
