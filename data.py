@@ -42,8 +42,9 @@ def fingerprint(*parts) -> str:
 
 
 def training_files(config) -> list[str] | None:
-    """The local files the training data is read from, in order; None for a hub data set."""
-    if config.dataset_name:
+    """The local files the training data is read from, in order; None for a hub data set, or for a
+    stream (--streaming), whose identity is streaming.stream_identity: a full hash would read the corpus."""
+    if config.dataset_name or config.streaming:
         return None
     return [config.train_file] if config.train_file else builtin_corpus_files()
 

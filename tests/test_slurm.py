@@ -73,8 +73,8 @@ def test_multinode_job_with_two_tasks_as_two_machines_requeues_itself_and_finish
         pytest.skip("no SLURM cluster here: run tests/slurm/start_cluster.sh (as root) first")
     from test_multiprocess import TWO_RANKS
 
-    # Two processes share the 2 cores: more than one 1-minute allocation.
-    flags = tiny_flags(corpus, max_train_samples=200, max_steps=1500, save_steps=500, logging_steps=250)
+    # About 110 s of training for two processes on 2 cores: more than one 1-minute allocation.
+    flags = tiny_flags(corpus, max_train_samples=200, max_steps=9000, save_steps=1500, logging_steps=1500)
     reference = reference_runs(flags, launcher=TWO_RANKS)  # the same two processes on one machine
     output_dir, log = tmp_path / "run", tmp_path / "job.log"
     two_tasks = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "slurm/train-multinode.sbatch"]

@@ -4,7 +4,10 @@ W&B runs offline (its .wandb files are read back here) and MLflow on a local fil
 """
 
 import json
+import os
+import signal
 import struct
+import time
 
 import pytest
 
@@ -91,6 +94,10 @@ def test_one_wandb_and_one_mlflow_run_across_two_kills_with_no_step_logged_twice
     for killed_at in ("step 25/40", "step 35/40"):  # after checkpoint-20 and -30: the resumes compute 25 and 35 again
         run = Training(tracker_env, output_dir, flags)
         run.wait_for(killed_at)
+        # Freeze the training (not W&B's own service process), so the kill lands at this step on a fast
+        # machine too, and give the service the time its write interval asks for.
+        os.kill(run.process.pid, signal.SIGSTOP)
+        time.sleep(2)
         run.signal_group()
         run.finish()
     final = train(tracker_env, output_dir, flags)
