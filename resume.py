@@ -102,16 +102,24 @@ class BatchPlan:
 
 
 def plan_batches(config: TrainingConfig, world_size: int, checkpoint_state: TrainingState | None) -> BatchPlan:
-    """Per-rank batch, accumulation and global batch; keeps a checkpoint's global batch on a new world size."""
-    per_device = config.per_device_train_batch_size
-    accumulation = config.gradient_accumulation_steps
-    if config.streaming:  # each process reads its own part of the stream: another number of them is not exact
+    """Per-rank batch, accumulation and global batch; keeps a checkpoint's global batch on a new world size.
+
+    With --streaming another number of processes is refused first (each reads its own part of the
+    stream), or with --allow_config_change noted beside the layout's own note.
+    """
+    stream_note = None
+    if config.streaming:
         import streaming
 
-        refusal_or_note = streaming.check_world_size(checkpoint_state, world_size, config.allow_config_change)
-        plan = plan_batches(dataclasses.replace(config, streaming=False), world_size, checkpoint_state)
-        plan.note = "\n".join(filter(None, [refusal_or_note, plan.note])) or None
-        return plan
+        stream_note = streaming.check_world_size(checkpoint_state, world_size, config.allow_config_change)
+    plan = _keep_the_global_batch(config, world_size, checkpoint_state)
+    plan.note = "\n".join(filter(None, [stream_note, plan.note])) or None
+    return plan
+
+
+def _keep_the_global_batch(config: TrainingConfig, world_size: int, checkpoint_state: TrainingState | None) -> BatchPlan:
+    per_device = config.per_device_train_batch_size
+    accumulation = config.gradient_accumulation_steps
     if checkpoint_state is None or checkpoint_state.world_size == world_size:
         return BatchPlan(per_device, accumulation, per_device * accumulation * world_size)
     global_batch = checkpoint_state.global_batch_size

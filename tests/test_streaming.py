@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HARNESS, REPO, Training, file_digest, tiny_flags, train, write_corpus
+from conftest import HARNESS, REPO, Training, file_digest, kill_when, tiny_flags, train, write_corpus
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 TWO_RANKS = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_config.yaml"), "--multi_gpu", "--num_processes", "2", str(HARNESS)]
@@ -90,10 +90,7 @@ def test_two_ranks_with_two_workers_killed_at_arbitrary_moments_end_byte_identic
 
 def test_resume_on_another_number_of_processes_is_refused_in_one_line(tmp_path, session_env, shards):
     flags = stream_flags(shards, max_steps=14)
-    first = Training(session_env, tmp_path / "run", flags)
-    first.wait_for(r"Saved checkpoint-7")
-    first.signal_group(signal.SIGKILL)
-    first.finish()
+    kill_when(session_env, tmp_path / "run", flags, r"Saved checkpoint-7")
     code_file = tmp_path / "exit_code"
     refused = train(session_env, tmp_path / "run", flags + ["--exit_code_file", str(code_file)], launcher=TWO_RANKS)
     assert code_file.read_text().strip() == "2"
@@ -116,10 +113,7 @@ def test_ctrl_c_with_workers_stops_with_a_checkpoint_and_no_worker_traceback(tmp
 
 def test_allow_config_change_on_another_number_of_processes_restarts_the_epoch(tmp_path, session_env, shards):
     flags = stream_flags(shards, max_steps=20)
-    first = Training(session_env, tmp_path / "run", flags)
-    first.wait_for(r"Saved checkpoint-14")
-    first.signal_group(signal.SIGKILL)
-    first.finish()
+    kill_when(session_env, tmp_path / "run", flags, r"Saved checkpoint-14")
     resumed = train(session_env, tmp_path / "run", flags + ["--allow_config_change"], launcher=TWO_RANKS)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "--allow_config_change: 1 → 2 processes; each of the 2 processes would start its part" in resumed.stdout
