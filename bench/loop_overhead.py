@@ -14,6 +14,7 @@ The four alternate, in a rotating order, --repeats times; ratios are taken withi
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -82,8 +83,23 @@ def plain_loop(args) -> None:
             step += 1
             if step % args.logging_steps == 0:
                 print(f"step {step}/{args.max_steps} loss {loss.item():.4f}", flush=True)
+            if args.save_steps and step % args.save_steps == 0:
+                save_directly(model, optimizer, Path(args.scratch), step, keep=2)
             if step == args.max_steps:
                 break
+
+
+def save_directly(model, optimizer, scratch: Path, step: int, keep: int) -> None:
+    """What a hand-written loop would do to checkpoint: the weights and AdamW state written and fsynced
+    (bench/save_cost.py's direct write), into save-<step>; then every save but the newest `keep` is
+    deleted, after the stopwatch. Prints the write's own seconds."""
+    from save_cost import time_direct_write
+
+    directory = scratch / f"save-{step}"
+    directory.mkdir(parents=True)
+    print(f"direct write of step {step}: {time_direct_write(model, optimizer, directory):.3f}s", flush=True)
+    for old in sorted(scratch.glob("save-*"), key=lambda path: int(path.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old)
 
 
 def trainer_loop(args) -> None:
@@ -149,6 +165,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="runs of each loop (alternating)")
     add_loop_arguments(parser, logging_steps=10)
     parser.add_argument("--worker", choices=["plain", "plain-malloc", "trainer"], help=argparse.SUPPRESS)
+    parser.add_argument("--save_steps", type=int, default=0, help=argparse.SUPPRESS)  # the plain loop's direct writes (bench/save_in_loop.py)
     parser.add_argument("--train_file", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -1,10 +1,10 @@
 """Benchmark: how long a checkpoint stalls training, against a direct write of the same tensors and the disk's speed.
 
-    .venv/bin/python bench/save_cost.py [--models 10M 100M] [--repeats 5] [--dir DIR] [--device cuda]
+    .venv/bin/python bench/save_cost.py [--models 10M 100M] [--repeats 5] [--pause 0] [--dir DIR] [--device cuda]
 
 For each GPT-2-style model (random init, byte vocabulary; WIDTHxLAYERS also works, e.g. 64x2),
 after one AdamW step so the optimizer state exists, and one untimed round of the first two, three
-writes alternate --repeats times:
+writes alternate --repeats times, each after --pause seconds of idling (0 by default):
   - state.save_checkpoint with a real Accelerator(cpu=True): what train_loop.py waits for at a save
     (accelerator.save_state, fsync of every file while it is hashed for the manifest, atomic rename,
     fsync of the parent);
@@ -90,7 +90,7 @@ def time_dd(path: Path, mebibytes: int) -> float:
     return time.perf_counter() - began
 
 
-def measure(accelerator, width: int, layers: int, repeats: int, scratch: Path) -> dict:
+def measure(accelerator, width: int, layers: int, repeats: int, scratch: Path, pause: float = 0.0) -> dict:
     model, optimizer = build(accelerator, width, layers)
     # One untimed round of each write first: a process's first save of a model takes 2-3x longer
     # than the next ones (measured: 2.9 s, then 0.87-1.0 s at 100M), and training saves many times.
@@ -105,6 +105,7 @@ def measure(accelerator, width: int, layers: int, repeats: int, scratch: Path) -
         for kind in ("save", "direct", "dd")[run % 3 :] + ("save", "direct", "dd")[: run % 3]:  # the save comes first in run 0: dd needs its size
             directory = scratch / f"{kind}-{run}"
             directory.mkdir()
+            time.sleep(pause)
             if kind == "save":
                 saving, hashing, size = time_checkpoint(accelerator, model, directory)
                 times["save"].append(saving)
@@ -124,6 +125,9 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="10M, 100M or WIDTHxLAYERS")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory under $TMPDIR)")
+    parser.add_argument("--pause", type=float, default=0.0,
+                        help="seconds to wait before each timed write, as training waits between saves (see BENCHMARKS.md: memory freed "
+                             "a few seconds earlier costs more to write into on a virtual machine)")  # fmt: skip
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model and optimizer live (cuda: the save includes the copy to the host)")
     args = parser.parse_args(argv)
     from accelerate import Accelerator
@@ -134,9 +138,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
         for name in args.models:
             width, layers = MODELS.get(name) or map(int, name.split("x"))
-            result = measure(accelerator, width, layers, args.repeats, Path(scratch))
+            result = measure(accelerator, width, layers, args.repeats, Path(scratch), args.pause)
             rows.append((name, result))
-    print(f"medians of {args.repeats} runs each, written to {Path(args.dir or tempfile.gettempdir()).resolve()}\n")
+    print(f"medians of {args.repeats} runs each, {args.pause:g} s before each write, written to {Path(args.dir or tempfile.gettempdir()).resolve()}\n")
     print("| model | parameters | checkpoint MB | save_checkpoint (s) | direct write (s) | save / direct "
           "| dd same size (s) | dd MB/s | save / dd | checksum alone (s) | checksum / save |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")

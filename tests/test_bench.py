@@ -145,4 +145,12 @@ def test_save_in_loop_benchmark_sets_the_launched_loop_beside_the_direct_write(s
     [row] = run_bench(session_env, "save_in_loop.py", "--models", "64x2", "--rounds", 1, "--cycles", 2, "--repeats", 1, "--corpus_lines", 500)
     parameters, megabytes = number(row[1]), number(row[2])
     assert 11 < megabytes * 1e6 / parameters < 14  # the same state as bench/save_cost.py writes
-    assert number(row[4]) >= 0 and all(number(cell) > 0 for cell in (row[6], row[7], row[8]))  # stall and cycle difference: noise at this size
+    saved, plain_write, out_of_loop, direct = number(row[4]), number(row[6]), number(row[13]), number(row[14])
+    assert saved > 0 and plain_write > 0 and out_of_loop > 0 and direct > 0  # the stalls and the cycle difference: noise at this size
+    assert row[7].endswith(")") and number(row[7].split()[0]) > 0  # launch.sh / plain loop: median (range)
+
+
+def test_page_reuse_benchmark_times_a_write_after_each_pause(session_env):
+    rows = run_bench(session_env, "page_reuse.py", "--megabytes", 2, "--writes", 3, "--pauses", 0, 0.1)
+    assert [row[0] for row in rows] == ["0", "0.1"]
+    assert all(0 < number(row[1]) <= number(row[3]) for row in rows)  # into the page cache, then with fsync
