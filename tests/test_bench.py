@@ -147,7 +147,7 @@ def test_save_in_loop_benchmark_sets_the_launched_loop_beside_the_direct_write(s
     assert 11 < megabytes * 1e6 / parameters < 14  # the same state as bench/save_cost.py writes
     saved, plain_write, out_of_loop, direct = number(row[4]), number(row[6]), number(row[13]), number(row[14])
     assert saved > 0 and plain_write > 0 and out_of_loop > 0 and direct > 0  # the stalls and the cycle difference: noise at this size
-    assert row[7].endswith(")") and number(row[7].split()[0]) > 0  # launch.sh / plain loop: median (range)
+    assert row[7].endswith(")") and number(row[7].split()[0]) != 0  # launch.sh / plain loop: median (range); either sign at this size
 
 
 def test_page_reuse_benchmark_times_a_write_after_each_pause(session_env):
