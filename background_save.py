@@ -6,7 +6,7 @@
     snapshot_fits(...)           whether one more copy of the state fits in host memory
 
 The files are the ones `state.save_checkpoint` writes (what `accelerator.save_state` writes, then
-trainer_state.json, training_args.json and manifest.json), byte for byte, into the same
+software.json, trainer_state.json, training_args.json and manifest.json), byte for byte, into the same
 `.tmp-checkpoint-<step>`, renamed by the same `state._finish_checkpoint`.
 
 The contract of a background save:
@@ -264,10 +264,6 @@ class BackgroundSaver:
             # Its own gloo group: its all-reduces run beside the loop's, and off the GPU.
             self.group = dist.new_group(backend="gloo")
 
-    @property
-    def in_flight(self) -> bool:
-        return self.save is not None
-
     def snapshot_bytes(self) -> int:
         return snapshot_bytes(self.accelerator)
 
@@ -285,20 +281,24 @@ class BackgroundSaver:
         assert self.save is None, "wait() for the save in flight first"
         temporary, final = state.begin_checkpoint(self.accelerator, model, output_dir, progress.global_step)
         save = _Save(temporary, final, reason, began)
+        files = {}
         try:
             # accelerate's own code writes this rank's RNG file (nothing else with empty lists): it
             # reads the global generators, which the next step changes, so it is written now.
             save_accelerator_state(str(temporary), [], [], [], [], self.accelerator.process_index, self.accelerator.step, None)
-        except (OSError, RuntimeError) as error:
+            live = state_to_write(self.accelerator)
+            copies = self.buffers.copy({name: obj for name, (obj, _) in live.items()})  # one call: buffers by visiting order
+            files = {name: (copies[name], how) for name, (_, how) in live.items()}
+        except (OSError, RuntimeError) as error:  # e.g. no host memory for the copy: every rank hears of it as SaveFailed
             save.error = error
-        live = state_to_write(self.accelerator)
-        copies = self.buffers.copy({name: obj for name, (obj, _) in live.items()})  # one call: buffers by visiting order
-        files = {name: (copies[name], how) for name, (_, how) in live.items()}
         copies_ready = None
         if self.buffers.pinned and torch.cuda.is_available():
             copies_ready = torch.cuda.Event()
             copies_ready.record()  # the writer waits for the device-to-host copies, the loop does not
-        checkpoint_record = (dataclasses.replace(progress, unlogged_loss_sums=list(progress.unlogged_loss_sums)), list(log_history), list(run_history), dict(training_args))
+        checkpoint_record = (
+            dataclasses.replace(progress, unlogged_loss_sums=list(progress.unlogged_loss_sums)), list(log_history), list(run_history),
+            dict(training_args), state.software_record(self.accelerator.device.type),
+        )  # fmt: skip
         save.go_finish_needed = self.accelerator.num_processes > 1
         if not save.go_finish_needed:
             save.go_finish.set()
@@ -325,8 +325,7 @@ class BackgroundSaver:
             if save.error is None and self.accelerator.is_main_process:
                 save.go_finish.wait()
                 if not save.abort:
-                    progress, log_history, run_history, training_args = checkpoint_record
-                    state._finish_checkpoint(save.temporary, save.final, progress, log_history, run_history, training_args)
+                    state._finish_checkpoint(save.temporary, save.final, *checkpoint_record)
         except BaseException as error:
             save.error = error
         save.finished_at = time.monotonic()

@@ -429,8 +429,7 @@ def save_checkpoint(
 
     if accelerator.is_main_process:
         try:
-            write_json_atomic(temporary / SOFTWARE_NAME, software_record(accelerator.device.type))
-            _finish_checkpoint(temporary, final, state, log_history, run_history, training_args)
+            _finish_checkpoint(temporary, final, state, log_history, run_history, training_args, software_record(accelerator.device.type))
         except (OSError, RuntimeError) as caught:
             error = caught
             shutil.rmtree(temporary, ignore_errors=True)
@@ -464,7 +463,9 @@ def begin_checkpoint(accelerator, model, output_dir: Path, global_step: int) -> 
     return temporary, final
 
 
-def _finish_checkpoint(temporary: Path, final: Path, state, log_history, run_history, training_args) -> None:
+def _finish_checkpoint(temporary: Path, final: Path, state, log_history, run_history, training_args, software: dict) -> None:
+    """Main process, once every rank's files are durable: the JSON records, the manifest, the rename (both save paths)."""
+    write_json_atomic(temporary / SOFTWARE_NAME, software)
     write_json_atomic(temporary / TRAINER_STATE_NAME, _trainer_state_record(state, log_history, run_history))
     write_json_atomic(temporary / TRAINING_ARGS_NAME, training_args)
     write_manifest(temporary, state.global_step)

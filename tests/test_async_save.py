@@ -15,7 +15,7 @@ from test_multiprocess import TWO_RANKS
 
 FLAGS = dict(max_train_samples=200, max_steps=40, save_steps=10)
 ASYNC = ["--async_save", "true"]
-SNAPSHOT_FILES = ["model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "training_args.json"]
+SNAPSHOT_FILES = ["model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "training_args.json", "software.json"]
 
 
 def same_checkpoint(first, second):
