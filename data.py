@@ -80,6 +80,8 @@ def load_splits(config) -> tuple:
         splits = datasets.load_dataset(config.dataset_name, config.dataset_config_name)
         train = splits["train"]
         validation = splits["validation"] if "validation" in splits else None
+        if validation is not None:
+            check_columns(validation, "validation", config)
     elif config.train_file:
         train = datasets.load_dataset(data_builder_for(config.train_file), data_files={"train": config.train_file}, split="train")
     else:
@@ -88,24 +90,33 @@ def load_splits(config) -> tuple:
     if not config.dataset_name:
         train = with_content_fingerprint(train, training_files(config))
     if config.validation_file:
-        builder = data_builder_for(config.validation_file)
-        validation = datasets.load_dataset(builder, data_files={"validation": config.validation_file}, split="validation")
-        validation = with_content_fingerprint(validation, [config.validation_file])
+        validation = load_validation_file(config)
     elif config.validation_split_percentage:
         # A fixed split: the same rows are held out on every start (seeded, cached by `datasets`).
         parts = train.train_test_split(test_size=config.validation_split_percentage / 100, seed=config.seed)
         train, validation = parts["train"], parts["test"]
-
-    needed = [config.text_column] + ([config.label_column] if config.task == "sequence-classification" else [])
-    for split_name, split in (("training", train), ("validation", validation)):
-        if split is None:
-            continue
-        for column in needed:
-            if column not in split.column_names:
-                flag = "--text_column" if column == config.text_column else "--label_column"
-                columns = ", ".join(split.column_names)
-                raise DataError(f"{flag} {column!r} is not in the {split_name} data (columns: {columns}); pass one of them")
+    check_columns(train, "training", config)  # a split of it (--validation_split_percentage) has the same columns
     return train, validation
+
+
+def load_validation_file(config):
+    """--validation_file as a raw `datasets.Dataset` (content-fingerprinted, columns checked); also for --streaming."""
+    import datasets
+
+    validation = datasets.load_dataset(data_builder_for(config.validation_file), data_files={"validation": config.validation_file}, split="validation")
+    validation = with_content_fingerprint(validation, [config.validation_file])
+    check_columns(validation, "validation", config)
+    return validation
+
+
+def check_columns(split, split_name: str, config) -> None:
+    """DataError naming the flag if --text_column (or --label_column, for classification) is not in `split`."""
+    needed = [config.text_column] + ([config.label_column] if config.task == "sequence-classification" else [])
+    for column in needed:
+        if column not in split.column_names:
+            flag = "--text_column" if column == config.text_column else "--label_column"
+            columns = ", ".join(split.column_names)
+            raise DataError(f"{flag} {column!r} is not in the {split_name} data (columns: {columns}); pass one of them")
 
 
 def tokenizer_identity(tokenizer, config) -> str:

@@ -246,23 +246,12 @@ class TrainingStream:
         self.rng = np.random.Generator(np.random.PCG64([config.seed, rank]))
 
     def _part(self, path: str) -> FilePart:
-        header_end, names = 0, None
+        header_end, names = file_columns(path, self.kind)
         if self.kind == "csv":
-            with open(path, "rb") as handle:
-                header = handle.readline()
-            header_end = len(header)
-            names = next(csv.reader([header.decode("utf-8")]))
             if self.spec["csv_header"] not in (None, names):  # rows are parsed with one header for all files
                 raise DataError(f"{path}: its csv header differs from {self.files[0]}'s; with --streaming every file needs the same columns in the same order")
             self.spec["csv_header"] = names
-        elif self.kind == "parquet":
-            import pyarrow.parquet as pq
-
-            names = pq.read_schema(path).names
-        columns = (self.config.text_column, self.config.label_column if self.config.task == "sequence-classification" else None)
-        missing = [column for column in columns if column and names is not None and column not in names]
-        if missing:
-            raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(names)}); check --text_column / --label_column")
+        columns = needed_columns(path, names, self.config)
         return FilePart(path, self.kind, self.rank, self.world_size, columns, header_end)
 
     # ---- position
@@ -470,33 +459,50 @@ def check_world_size(checkpoint_state, world_size: int, allow_change: bool):
 # --------------------------------------------------------------------------- setting up (train_loop.py)
 
 
+def file_columns(path: str, kind: str) -> tuple[int, list | None]:
+    """(bytes of the csv header line, the column names) of a csv or parquet file; (0, None) for text and JSON Lines."""
+    if kind == "csv":
+        with open(path, "rb") as handle:
+            header = handle.readline()
+        return len(header), next(csv.reader([header.decode("utf-8")]))
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return 0, pq.read_schema(path).names
+    return 0, None
+
+
+def needed_columns(path: str, names: list | None, config) -> tuple:
+    """(text column, label column or None) that a file must have; DataError naming the flag if it has not."""
+    columns = (config.text_column, config.label_column if config.task == "sequence-classification" else None)
+    missing = [column for column in columns if column and names is not None and column not in names]
+    if missing:
+        raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(names)}); check --text_column / --label_column")
+    return columns
+
+
 def stream_label_names(files: list[str], config) -> list:
     """Classification: the sorted distinct labels; one read of every row's label at each start (a stream has no cache)."""
     spec = {"kind": data_builder_for(files[0]), "task": config.task, "text_column": config.text_column, "label_column": config.label_column, "csv_header": None}
-    names = set()
+    labels = set()
     for path in files:
-        header_end = 0
-        if spec["kind"] == "csv":
-            with open(path, "rb") as handle:
-                header = handle.readline()
-            header_end, spec["csv_header"] = len(header), next(csv.reader([header.decode("utf-8")]))
-        part = FilePart(path, spec["kind"], 0, 1, (config.text_column, config.label_column), header_end)
+        header_end, columns = file_columns(path, spec["kind"])
+        spec["csv_header"] = columns if spec["kind"] == "csv" else None
+        part = FilePart(path, spec["kind"], 0, 1, needed_columns(path, columns, config), header_end)  # checked before any row is read
         for _, payload in part.chunks(None):
-            names.update(rows_of(spec, payload)[1])
-    if None in names:
+            labels.update(rows_of(spec, payload)[1])
+    if None in labels:
         raise DataError(f"--label_column {config.label_column!r} has empty values; every training row needs a label")
-    return sorted(names)
+    return sorted(labels)
 
 
 def validation_data(config, tokenizer, accelerator, names):
     """--validation_file, loaded and tokenized the usual (cached, in-memory) way: evaluation data is small."""
-    import datasets
-
-    from data import causal_lm_blocks, classification_examples
+    from data import causal_lm_blocks, classification_examples, load_validation_file
 
     if not config.validation_file:
         return None
-    raw = datasets.load_dataset(data_builder_for(config.validation_file), data_files={"validation": config.validation_file}, split="validation")
+    raw = load_validation_file(config)
     if config.task == "causal-lm":
         return causal_lm_blocks(raw, tokenizer, config, accelerator)
     return classification_examples(raw, tokenizer, config, accelerator, names)

@@ -105,3 +105,10 @@ def test_a_missing_column_is_named(tmp_path):
     config = TrainingConfig(train_file=str(path), streaming=True, max_steps=10, text_column="body")
     with pytest.raises(streaming.DataError, match="no column 'body' \\(columns: text, label\\)"):
         streaming.TrainingStream(config, ByteTokenizer(), [str(path)], 0, 1, 4, "cpu")
+
+
+def test_a_missing_label_column_is_named_before_the_labels_are_read(tmp_path):
+    path = write(tmp_path, "parquet")
+    config = TrainingConfig(train_file=str(path), streaming=True, max_steps=10, task="sequence-classification", label_column="stars")
+    with pytest.raises(streaming.DataError, match="no column 'stars' \\(columns: text, label\\)"):
+        streaming.stream_label_names([str(path)], config)
