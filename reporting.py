@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -52,10 +51,9 @@ class ProgressLine:
             self.bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['learning_rate']:.2e}", samples_s=f"{samples_per_second:.1f}")
             return
         total = self.progress.total_steps
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
         print(
             f"step {entry['step']}/{total} ({100 * entry['step'] / total:.1f}%) epoch {entry['epoch']:.2f} "
-            f"loss {entry['loss']:.4f} lr {entry['learning_rate']:.2e} {samples_per_second:.1f} samples/s ETA {eta_text}",
+            f"loss {entry['loss']:.4f} lr {entry['learning_rate']:.2e} {samples_per_second:.1f} samples/s ETA {state.human_duration(eta)}",
             flush=True,
         )
 

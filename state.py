@@ -33,6 +33,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -375,6 +376,15 @@ def human_bytes(count: float) -> str:
             return f"{count:.1f} {unit}"
         count /= 1000
     return f"{count:.1f} TB"
+
+
+def human_duration(seconds: float | None) -> str:
+    """01:02:03, or 2d 01:02:03 past a day; ? when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    days, rest = divmod(int(seconds), 86400)
+    text = time.strftime("%H:%M:%S", time.gmtime(rest))
+    return f"{days}d {text}" if days else text
 
 
 def check_free_space(output_dir: Path, model) -> None:

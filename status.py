@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -93,17 +92,10 @@ def describe_data(checkpoint: Path) -> list[dict]:
             situation = "matches" if matches else "changed"
         except FileNotFoundError:
             situation = "missing"
+        except OSError:  # there, but not readable as the file it was (permissions, a directory now)
+            situation = "unreadable"
         found.append({"flag": flag, "where": path or "the built-in corpus", "checkpoint": checkpoint.name, "state": situation})
     return found
-
-
-def human_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    text = time.strftime("%H:%M:%S", time.gmtime(rest))
-    return f"{days}d {text}" if days else text
 
 
 def print_report(report: dict) -> None:
@@ -116,7 +108,7 @@ def print_report(report: dict) -> None:
         if report["last_loss"] is not None:
             print(f"   last loss {report['last_loss']:.4f}, learning rate {report['last_learning_rate']:.2e}")
         if report["situation"] == "running":
-            print(f"   🏃 active: {report['active_run']}; {report['samples_per_second']:.1f} samples/s, ETA {human_duration(report['eta_seconds'])}")
+            print(f"   🏃 active: {report['active_run']}; {report['samples_per_second']:.1f} samples/s, ETA {state.human_duration(report['eta_seconds'])}")
         elif report["situation"] == "interrupted":
             reason = report["stop_reason"] or "killed or crashed"
             print(f"   ⏸️  not running (last stop: {reason}); run the same command again to continue")
@@ -127,7 +119,7 @@ def print_report(report: dict) -> None:
         print(f"   {entry['time']}  {entry['event']} at step {entry['step']} on {entry['world_size']} process(es){stopped}")
     for checkpoint in report["checkpoints"]:
         mark = "✅" if checkpoint["valid"] else f"❌ {checkpoint['problem']}"
-        print(f"   {checkpoint['name']:<20} step {checkpoint['step']:<8} {state.human_bytes(checkpoint['bytes']):>9}  {human_duration(checkpoint['age_seconds'])} old  {mark}")
+        print(f"   {checkpoint['name']:<20} step {checkpoint['step']:<8} {state.human_bytes(checkpoint['bytes']):>9}  {state.human_duration(checkpoint['age_seconds'])} old  {mark}")
     for name in report["corrupt"]:
         print(f"   {name:<20} moved aside (damaged)")
     for entry in report["data"]:
@@ -136,6 +128,7 @@ def print_report(report: dict) -> None:
             "matches": f"✅ same content as when {entry['checkpoint']} was saved",
             "changed": f"❌ its content changed since {entry['checkpoint']} was saved; a resume will be refused",
             "missing": f"❌ not there any more; resume with --{entry['flag']} at its new place (the same content resumes)",
+            "unreadable": "❌ cannot be read (permissions? replaced by a directory?); a resume will stop with the reason",
             "hub": "from the hub (not checked)",
         }[entry["state"]])  # fmt: skip
     print(f"   💽 {state.human_bytes(report['disk_free_bytes'])} free")
