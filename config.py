@@ -323,7 +323,10 @@ def compare_with_checkpoint(now: dict, before: dict, allow_change: bool) -> list
     """
     before, now = {**ABSENT_FROM_OLDER_CHECKPOINTS, **before}, {**ABSENT_FROM_OLDER_CHECKPOINTS, **now}
     fingerprints = before.get("base_model_fingerprint"), now.get("base_model_fingerprint")
-    if all(fingerprints) and fingerprints[0] != fingerprints[1]:  # LoRA then and now (else the `lora` row below refuses)
+    if allow_change and bool(fingerprints[0]) != bool(fingerprints[1]):  # LoRA then or now, not both: the file cannot load (without the flag, the `lora` row refuses)
+        holds = "only a LoRA adapter; resume it with --use_lora (and its LoRA flags)" if fingerprints[0] else "a whole model trained without LoRA; resume it without --use_lora"
+        raise UsageError(f"the checkpoint holds {holds}, or start over with --resume_from_checkpoint none (--allow_config_change cannot bridge this)")
+    if all(fingerprints) and fingerprints[0] != fingerprints[1]:  # LoRA then and now, on another base model
         raise UsageError(
             f"the base model is not the one this LoRA run started from (weights fingerprint {before.get('base_model_fingerprint')} "
             f"in the checkpoint, {now['base_model_fingerprint']} now); the checkpoint holds only the adapter. Use the original base "

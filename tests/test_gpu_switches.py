@@ -188,3 +188,8 @@ def test_what_a_resume_compares_old_checkpoints_precision_and_the_lora_base():
             compare_with_checkpoint({**lora, "base_model_fingerprint": "bbb"}, lora, allow_change=allow)
     with pytest.raises(UsageError, match=r"--lora .*\| None"):  # a full-model checkpoint is no LoRA run to continue
         compare_with_checkpoint(lora, now, allow_change=False)
+    # --allow_config_change cannot turn LoRA on or off: the weights in the checkpoint would not load.
+    with pytest.raises(UsageError, match="holds a whole model trained without LoRA; resume it without --use_lora"):
+        compare_with_checkpoint(lora, now, allow_change=True)
+    with pytest.raises(UsageError, match="holds only a LoRA adapter; resume it with --use_lora"):
+        compare_with_checkpoint(now, lora, allow_change=True)
