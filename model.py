@@ -21,6 +21,7 @@ again. examples/tiny_transformer.py is one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -119,12 +120,19 @@ def loss_of(outputs):
     return outputs.loss if hasattr(outputs, "loss") else outputs
 
 
+@functools.cache
+def model_module_source(path: str) -> bytes:
+    """The --model_module file as read once by this process: the code that is built, recorded and copied
+    beside the final weights is the same even if the file is edited while the run trains."""
+    return Path(path).read_bytes()
+
+
 def import_model_module(path: str):
     """The --model_module file as a module; UsageError if it cannot be imported or has no build_model."""
     spec = importlib.util.spec_from_file_location("resumable_model_module", path)
     module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        exec(compile(model_module_source(path), path, "exec"), module.__dict__)  # what spec.loader.exec_module does, from the bytes read once
     except Exception as error:  # a user's file: any error in it is a bad input, shown in one line
         raise UsageError(f"--model_module {path}: importing it failed: {type(error).__name__}: {error}") from None
     if not callable(getattr(module, "build_model", None)):
@@ -135,7 +143,7 @@ def import_model_module(path: str):
 def model_identity(config: TrainingConfig) -> str:
     """What the checkpoint records of the model's definition, to refuse a resume with another one."""
     if config.model_module:
-        return "model_module sha256 " + hashlib.sha256(Path(config.model_module).read_bytes()).hexdigest()
+        return "model_module sha256 " + hashlib.sha256(model_module_source(config.model_module)).hexdigest()
     return identity.model_config_text(config.model_config_path)  # a file's or a directory's config.json text
 
 
@@ -144,7 +152,7 @@ def own_model_files(config: TrainingConfig) -> dict[str, str]:
     if not config.model_module:
         return {}
     record = {"module": OWN_MODEL_SOURCE, "build_model": {"block_size": config.block_size}}
-    return {OWN_MODEL_SOURCE: Path(config.model_module).read_text(), OWN_MODEL_RECORD: json.dumps(record, indent=2) + "\n"}
+    return {OWN_MODEL_SOURCE: model_module_source(config.model_module).decode("utf-8"), OWN_MODEL_RECORD: json.dumps(record, indent=2) + "\n"}
 
 
 def load_own_model(output_dir: str | Path):

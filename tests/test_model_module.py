@@ -44,3 +44,20 @@ def test_a_model_module_without_build_model_is_one_line_and_exit_2(tmp_path, ses
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: --model_module {broken}: define build_model(vocab_size, block_size) returning a torch.nn.Module"
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_the_copy_beside_the_final_weights_is_the_code_the_run_built_even_if_the_file_changed(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from config import TrainingConfig
+    from model import OWN_MODEL_SOURCE, import_model_module, model_identity, own_model_files
+
+    module_file = tmp_path / "my_model.py"
+    module_file.write_text(EXAMPLE.read_text())
+    config = TrainingConfig(model_module=str(module_file))
+    import_model_module(str(module_file))  # the start of a run: built, then recorded
+    recorded = model_identity(config)
+    module_file.write_text(EXAMPLE.read_text() + "\n# edited for the next experiment while this run trains\n")
+    assert own_model_files(config)[OWN_MODEL_SOURCE] == EXAMPLE.read_text()  # the end of the run
+    assert model_identity(config) == recorded
