@@ -39,6 +39,18 @@ class StopRequests:
         # launch.sh starts us with them blocked (see supervisor.py): one that came meanwhile runs now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1))
 
+    def ignore_from_now(self) -> None:
+        """The run has ended (saved, or failed): stop signals that still arrive change nothing.
+
+        Why: Python's shutdown resets the handlers it installed to the default action, which for
+        SIGTERM and SIGUSR1 is to die. A stop signal often comes twice (the scheduler signals every
+        process and launch.sh forwards its own copy; SLURM's USR1 can repeat), and a copy arriving
+        while the interpreter exits killed a rank by signal after its work was done; on several
+        machines its peer then waited in the launcher's teardown until the allocation ran out.
+        """
+        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(number, signal.SIG_IGN)
+
     def _on_signal(self, number, frame) -> None:
         now = time.monotonic()
         if number == signal.SIGINT and self._first_interrupt_at is not None:

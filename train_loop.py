@@ -285,7 +285,7 @@ def report(line: str) -> None:
 
 def run_cli(argv=None) -> int:
     """Parse, run, and turn every expected failure into one line and an exit code."""
-    config = None
+    config = stop = None
     code = EXIT_FAILED
     try:
         config = parse_config(sys.argv[1:] if argv is None else argv)
@@ -318,6 +318,8 @@ def run_cli(argv=None) -> int:
         code = EXIT_FAILED
     finally:
         record_exit_code(config, code)
+        if stop is not None:
+            stop.ignore_from_now()
     return code
 
 
