@@ -5,7 +5,7 @@
     TrainingConfig.validate every value checked once at start-up, the message names the flag
     compare_with_checkpoint which changes since a checkpoint would change the result (refused)
 
-Exit codes shared by the whole program live here too.
+UsageError and the exit codes live in errors.py (importable from here too, as callers do).
 """
 
 from __future__ import annotations
@@ -18,15 +18,11 @@ import re
 from pathlib import Path
 
 from data import TASKS, data_builder_for
+from errors import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, UsageError  # noqa: F401 (re-exported)
 
-EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED_EARLY, EXIT_ABORTED = 0, 1, 2, 75, 130
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_CONFIG = REPO_DIR / "configs" / "gpt2-small-byte.json"
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # --report_to names, each also the package to install
-
-
-class UsageError(Exception):
-    """Bad command line or input: one line for the user, exit 2, nothing written."""
 
 
 def flag(default, help, **extra):

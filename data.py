@@ -19,12 +19,9 @@ import sysconfig
 from pathlib import Path
 
 import identity
+from errors import DataError  # noqa: F401 (re-exported: callers import it from here)
 
 TASKS = ("causal-lm", "sequence-classification")
-
-
-class DataError(Exception):
-    """Bad data or data flags: one line for the user, exit 2."""
 
 
 def data_builder_for(path: str) -> str | None:
@@ -210,33 +207,10 @@ def prepare_datasets(config, tokenizer, accelerator) -> tuple:
     return train, validation, names
 
 
-def load_training_data(config, tokenizer, accelerator) -> tuple:
-    """(training data, evaluation data or None, label names or None), before anything is written.
-
-    The training data is a tokenized `datasets.Dataset`, or with --streaming the list of files
-    that streaming.TrainingStream reads while training (only the evaluation data is loaded here).
-    """
-    if not config.streaming:
-        return prepare_datasets(config, tokenizer, accelerator)
-    import streaming
-
-    files = streaming.expand_train_files(config.train_file)
-    names = streaming.stream_label_names(files, config) if config.task == "sequence-classification" else None
-    return files, streaming.validation_data(config, tokenizer, accelerator, names), names
-
-
 def training_batches(config, train_data, tokenizer, accelerator, plan, label_names=None):
-    """The run's optimizer steps: EpochBatches over a Dataset, or a TrainingStream over files (--streaming).
-
-    Either has steps_per_epoch (0 for a stream), total_steps, fingerprint, samples and a
-    `dataloader` for accelerator.prepare (None for a stream, which shards itself).
-    """
+    """The run's optimizer steps over a tokenized Dataset: EpochBatches (training_data.py picks a stream instead with --streaming)."""
     import torch
 
-    if config.streaming:
-        import streaming
-
-        return streaming.training_stream(config, tokenizer, train_data, accelerator, plan, label_names)
     steps_per_epoch = len(train_data) // plan.global_batch
     if steps_per_epoch == 0:
         raise DataError(f"the training data has {len(train_data)} blocks, fewer than one global batch of {plan.global_batch}; use more data or a smaller --per_device_train_batch_size")

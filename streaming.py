@@ -51,7 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data import DataError, data_builder_for
+from data import data_builder_for
+from errors import DataError, UsageError
 
 CHUNK_BYTES = 128 << 10  # rows handed to a tokenizing worker at a time: ~128 KiB of text
 CHUNK_ROWS = 4096  # parquet rows per chunk
@@ -439,8 +440,6 @@ def training_stream(config, tokenizer, files: list[str], accelerator, plan, labe
 
 def check_world_size(checkpoint_state, world_size: int, allow_change: bool):
     """None if the checkpoint's number of processes is this run's; else refuse (UsageError) or, if allowed, a note."""
-    from config import UsageError
-
     if checkpoint_state is None or checkpoint_state.world_size == world_size:
         return None
     before = checkpoint_state.world_size

@@ -32,7 +32,7 @@ import lora
 import resume
 import state
 from config import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, TrainingConfig, UsageError, parse_config, parse_duration
-from data import DataError, eval_dataloader, input_identities, load_training_data, training_batches
+from data import DataError, eval_dataloader, input_identities
 from evaluation import evaluate, is_better
 from model import apply_training_switches, build_model, build_optimizer, build_tokenizer, loss_of, model_identity, own_model_files
 from randomness import enable_full_determinism, micro_batch_seeds, seed_micro_batch
@@ -41,6 +41,7 @@ from saving import CheckpointSaver
 from state import TrainingState
 from stopping import Deadline, StopCheck, StopRequests, process_start_time
 from trackers import Trackers
+from training_data import load_training_data, training_batches
 
 
 def main(config: TrainingConfig, stop: StopRequests) -> int:

@@ -1,0 +1,64 @@
+"""The product's modules import one another one way: no loop, lazy imports inside functions included."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def import_graph(directory: Path) -> dict[str, set[str]]:
+    """Module name -> the modules of `directory` it imports anywhere in its text (top level or inside a function)."""
+    modules = {path.stem: path for path in directory.glob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+        graph[name] = {other for other in imported if other in modules and other != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import loop as [a, b, ..., a], or None (depth-first search, sorted for a stable message)."""
+    done, path = set(), []
+
+    def visit(name):
+        if name in path:
+            return path[path.index(name) :] + [name]
+        if name in done:
+            return None
+        path.append(name)
+        for other in sorted(graph[name]):
+            if cycle := visit(other):
+                return cycle
+        path.pop()
+        done.add(name)
+        return None
+
+    return next((cycle for name in sorted(graph) if (cycle := visit(name))), None)
+
+
+def test_find_cycle_sees_a_loop_through_a_lazy_import(tmp_path):
+    (tmp_path / "config.py").write_text("import os\nfrom data import TASKS\n")
+    (tmp_path / "data.py").write_text("def f():\n    from streaming import x\n")
+    (tmp_path / "streaming.py").write_text("def g():\n    from config import UsageError\n")
+    (tmp_path / "errors.py").write_text("")
+    assert find_cycle(import_graph(tmp_path)) == ["config", "data", "streaming", "config"]
+    (tmp_path / "streaming.py").write_text("def g():\n    from errors import UsageError\n")
+    assert find_cycle(import_graph(tmp_path)) is None
+
+
+@pytest.mark.quick
+def test_the_product_has_no_import_loop():
+    graph = import_graph(REPO)
+    assert {"config", "data", "streaming", "train_loop", "errors"} <= set(graph)
+    cycle = find_cycle(graph)
+    assert cycle is None, "import loop: " + " -> ".join(cycle)
+    assert graph["errors"] == set(), "errors.py is the ground floor: it imports nothing of ours"
