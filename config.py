@@ -86,9 +86,9 @@ class TrainingConfig:
     logging_steps: int = flag(50, "log loss and learning rate every N steps")
     eval_steps: int = flag(None, "evaluate every N steps when there is validation data (default: --save_steps)")
     metric_for_best_model: str = flag(None, "keep the best checkpoint by this metric, e.g. eval_loss or eval_accuracy")
-    greater_is_better: str = flag(None, "true if a larger --metric_for_best_model is better (default: false for losses)")
+    greater_is_better: bool | None = flag(None, "true if a larger --metric_for_best_model is better (default: false for losses)")
     load_best_model_at_end: bool = flag(False, "write the best checkpoint's model as the final model")
-    async_save: str = flag("false", "true: write checkpoints on a background thread while training goes on (one extra host copy of the state)")
+    async_save: bool = flag(False, "write checkpoints on a background thread while training goes on (one extra host copy of the state)")
     resume_from_checkpoint: str = flag("auto", "auto (newest valid in --output_dir), none (start fresh) or a path")
     allow_config_change: bool = flag(False, "resume even if flags that change the result differ from the checkpoint")
     ddp_timeout: int = flag(1800, "seconds a process waits for the others in a collective before it gives up on a dead or hung machine")
@@ -138,10 +138,6 @@ class TrainingConfig:
             raise UsageError("give either --validation_file or --validation_split_percentage, not both")
         if self.validation_split_percentage is not None and not 0 < self.validation_split_percentage < 100:
             raise UsageError(f"--validation_split_percentage must be between 1 and 99 (got {self.validation_split_percentage})")
-        if self.async_save not in ("true", "false"):
-            raise UsageError(f"--async_save takes true or false (got {self.async_save!r})")
-        if self.greater_is_better not in (None, "true", "false", "True", "False"):
-            raise UsageError(f"--greater_is_better takes true or false (got {self.greater_is_better!r})")
         if self.load_best_model_at_end and not (self.validation_file or self.validation_split_percentage or self.dataset_name):
             raise UsageError("--load_best_model_at_end needs evaluation data: add --validation_file or --validation_split_percentage")
         produced = {"causal-lm": ("eval_loss", "eval_perplexity"), "sequence-classification": ("eval_loss", "eval_accuracy")}
@@ -251,7 +247,7 @@ class TrainingConfig:
     @property
     def best_is_greater(self) -> bool:
         if self.greater_is_better is not None:
-            return self.greater_is_better.lower() == "true"
+            return self.greater_is_better
         return not self.best_metric_name.endswith("loss")
 
 
@@ -285,12 +281,20 @@ class _ArgumentParser(argparse.ArgumentParser):
 def parse_config(argv) -> TrainingConfig:
     parser = _ArgumentParser(prog="train_loop.py", description="resumable: a training loop that survives every interruption.")
     for field in dataclasses.fields(TrainingConfig):
-        if field.type == "bool":
-            parser.add_argument(f"--{field.name}", action="store_true", help=field.metadata["help"])
+        if field.type in ("bool", "bool | None"):  # --flag, --flag true, --flag false, as in TrainingArguments
+            parser.add_argument(f"--{field.name}", type=yes_or_no, nargs="?", const=True, default=field.default, help=field.metadata["help"])
         else:
             kind = {"int": int, "float": float}.get(field.type, str)
             parser.add_argument(f"--{field.name}", type=kind, default=field.default, help=field.metadata["help"])
     return TrainingConfig(**vars(parser.parse_args(argv)))
+
+
+def yes_or_no(text: str) -> bool:
+    """A boolean flag's value: true/false, yes/no, 1/0 (any case), as transformers' string_to_bool."""
+    answers = {"true": True, "t": True, "yes": True, "y": True, "1": True, "false": False, "f": False, "no": False, "n": False, "0": False}
+    if text.lower() not in answers:
+        raise argparse.ArgumentTypeError(f"takes true or false, or nothing for true (got {text!r})")
+    return answers[text.lower()]
 
 
 def parse_duration(text: str) -> float:

@@ -37,7 +37,7 @@ class CheckpointSaver:
         self.saved_step = saved_step  # the step whose state is on disk already (or being written), if any
         self.background = None
         self.memory_checked = False
-        if config.async_save == "true":
+        if config.async_save:
             import background_save  # imports torch: not before main() starts the --max_time clock
 
             reason = background_save.unsupported_reason(accelerator)
