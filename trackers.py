@@ -3,6 +3,7 @@
     Trackers(accelerator, config, progress, checkpoint_state)   start or re-attach the runs (main process)
     Trackers.catch_up(log_history)                              log what a killed run logged but the tracker lost
     Trackers.log(values, step)                                  to every tracker, never a step twice
+    check_trackers_can_start(names)                             at start-up, before anything is written: UsageError if one cannot
 
 What "continuous" means for each tracker:
 
@@ -29,13 +30,16 @@ On disk:
 
 from __future__ import annotations
 
+import configparser
 import json
+import os
 import secrets
 import struct
 from pathlib import Path
 
 import state
 from config import TrainingConfig
+from errors import UsageError
 from state import TrainingState
 
 TRACKERS_NAME = "trackers.json"
@@ -107,6 +111,57 @@ class Trackers:
                     tracker.log(values_now, step=step)
             else:
                 tracker.log(values, step=step)
+
+
+def check_trackers_can_start(names: list[str]) -> None:
+    """Raise UsageError (tracker, cause, fix in one line) if a tracker of --report_to cannot start. Writes nothing.
+
+    Found before the run starts rather than as a traceback at the tracker's start: MLflow 3's default
+    store (sqlite:///mlflow.db) needs packages that mlflow-skinny lacks, its file store is refused
+    unless MLFLOW_ALLOW_FILE_STORE=true, and W&B online needs a login.
+    """
+    for name in names:  # each one's package is there: TrainingConfig.validate checked
+        if name == "mlflow":
+            _check_mlflow_store()
+        elif name == "wandb":
+            _check_wandb_login()
+
+
+def _check_mlflow_store() -> None:
+    import mlflow
+    from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    from mlflow.utils.uri import get_uri_scheme
+
+    uri = mlflow.get_tracking_uri()  # MLFLOW_TRACKING_URI, else MLflow's default; reading it creates nothing
+    where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "MLflow's default store"
+    scheme = get_uri_scheme(uri)
+    fix = "set MLFLOW_TRACKING_URI to a server (http://HOST:5000), or to file:///DIR with MLFLOW_ALLOW_FILE_STORE=true"
+    if scheme in ("sqlite", "postgresql", "mysql", "mssql") and scheme not in _tracking_store_registry._registry:
+        raise UsageError(f"--report_to mlflow: {where} {uri} is a database, which mlflow-skinny cannot use: pip install mlflow (the full package), or {fix}")
+    if scheme not in _tracking_store_registry._registry:
+        raise UsageError(f"--report_to mlflow: {where} {uri} is not a tracking store MLflow knows (schemes: {', '.join(sorted(s for s in _tracking_store_registry._registry if s))}); {fix}")
+    if scheme in ("", "file") and not MLFLOW_ALLOW_FILE_STORE.get():
+        raise UsageError(f"--report_to mlflow: MLflow 3 refuses its file store ({where} {uri}) unless MLFLOW_ALLOW_FILE_STORE=true: set it, or use a server (http://HOST:5000)")
+
+
+def _check_wandb_login() -> None:
+    settings = configparser.ConfigParser()  # `wandb offline` writes its mode here
+    settings.read(Path(os.environ.get("WANDB_CONFIG_DIR", Path.home() / ".config" / "wandb")) / "settings")
+    mode = os.environ.get("WANDB_MODE") or settings.get("default", "mode", fallback="online")
+    if mode in ("offline", "dryrun", "disabled") or os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1"):
+        return
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    try:
+        from wandb.sdk.lib.wbauth import read_netrc_auth  # where `wandb login` stores the key
+
+        if read_netrc_auth(host=host):
+            return
+    except ImportError:  # another wandb version: let W&B decide at its start
+        return
+    raise UsageError("--report_to wandb: W&B is online but not logged in; run `wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline (then `wandb sync`)")
 
 
 def tracker_values(entry: dict) -> dict:

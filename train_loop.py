@@ -40,7 +40,7 @@ from reporting import TrainingLog
 from saving import CheckpointSaver
 from state import TrainingState
 from stopping import Deadline, StopCheck, StopRequests, process_start_time
-from trackers import Trackers
+from trackers import Trackers, check_trackers_can_start
 from training_data import load_training_data, training_batches
 
 
@@ -291,6 +291,7 @@ def run_cli(argv=None) -> int:
     try:
         config = parse_config(sys.argv[1:] if argv is None else argv)
         config.validate()
+        check_trackers_can_start(config.trackers)  # before anything is written
         stop = StopRequests(on_abort=lambda: record_exit_code(config, EXIT_ABORTED))
         stop.install()  # at once: a signal while the data loads must not kill the process either
         code = main(config, stop)

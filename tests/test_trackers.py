@@ -5,6 +5,7 @@ W&B runs offline (its .wandb files are read back here) and MLflow on a local fil
 
 import json
 import os
+import re
 import signal
 import struct
 import time
@@ -162,3 +163,33 @@ def test_a_tracker_that_is_not_installed_is_one_line_and_exit_2_before_anything_
 def test_report_to_rejects_unknown_names(tmp_path, tracker_env, corpus):
     result = train(tracker_env, tmp_path / "run", tiny_flags(corpus, report_to="wandb,comet"))
     assert result.returncode == 2 and "--report_to 'wandb,comet': choose none, all, or one or more of tensorboard, wandb, mlflow" in result.stderr
+
+
+def mlflow_has_a_database_store():
+    import importlib.util
+
+    return importlib.util.find_spec("sqlalchemy") is not None  # the full mlflow package, not mlflow-skinny
+
+
+@pytest.mark.parametrize(
+    "tracker, env, message",
+    [
+        ("mlflow", {"MLFLOW_TRACKING_URI": None}, r"MLflow's default store sqlite:///\S+/mlflow\.db is a database, which mlflow-skinny cannot use: pip install mlflow \(the full package\), or set MLFLOW_TRACKING_URI"),
+        pytest.param("mlflow", {"MLFLOW_ALLOW_FILE_STORE": None}, r"MLflow 3 refuses its file store \(MLFLOW_TRACKING_URI file://\S+/mlruns\) unless MLFLOW_ALLOW_FILE_STORE=true: set it, or use a server", marks=pytest.mark.quick),
+        ("mlflow", {"MLFLOW_TRACKING_URI": "mlfow+typo://host/x"}, r"MLFLOW_TRACKING_URI mlfow\+typo://host/x is not a tracking store MLflow knows \(schemes: .*file.*http.*\); set MLFLOW_TRACKING_URI to a server"),
+        ("wandb", {"WANDB_MODE": "online", "WANDB_API_KEY": None}, r"W&B is online but not logged in; run `wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline"),
+    ],
+    ids=["mlflow-default-sqlite-store", "mlflow-file-store-not-allowed", "mlflow-unknown-uri", "wandb-online-no-login"],
+)
+def test_a_tracker_that_cannot_start_is_one_line_and_exit_2_before_anything_is_written(tmp_path, tracker_env, corpus, tracker, env, message):
+    if "MLflow's default store" in message and mlflow_has_a_database_store():
+        pytest.skip("the full mlflow package is installed: its default store works")
+    run_env = {**tracker_env, "NETRC": str(tmp_path / "no-netrc")}  # no W&B login from this machine's ~/.netrc
+    for name, value in env.items():
+        run_env.pop(name, None) if value is None else run_env.update({name: value})
+    output_dir = tmp_path / "run"
+    result = train(run_env, output_dir, tiny_flags(corpus, max_steps=5, report_to=tracker))
+    assert result.returncode == 2, result.stderr[-2000:]
+    [line] = result.stderr.strip().splitlines()
+    assert re.fullmatch(rf"error: --report_to {tracker}: {message}.*", line), line
+    assert not output_dir.exists() and not (tmp_path / "mlruns").exists() and not (tmp_path / "wandb").exists()
