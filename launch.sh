@@ -5,6 +5,7 @@
 #   NUM_PROCESSES=2 ./launch.sh [flags]            N processes (GPUs, or CPU ranks over gloo)
 #   ./launch.sh status [--output_dir DIR] [--json] [--plot]
 #   ./launch.sh setup                              only create .venv/
+#   ./launch.sh setup-tests                        also install tests/requirements.txt (tests/run.sh does)
 #
 # The first run creates .venv/ beside this script and installs requirements.txt into it.
 # Training runs through `accelerate launch` with accelerate_config.yaml, supervised by
@@ -19,25 +20,38 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VENV=${RESUMABLE_VENV:-$HERE/.venv}
 
-ensure_environment() {
-    # Reinstall only when requirements.txt changed since the last install.
-    local wanted stamp="$VENV/.requirements.sha256"
-    wanted=$(cat "$HERE/requirements.txt" "$HERE/tests/requirements.txt" | sha256sum | cut -d' ' -f1)  # contents only: worktrees may share one venv
+install_requirements() {
+    # pip install -r FILE into the venv, only when the contents of FILE and the files it
+    # includes changed since the last install. Contents only: worktrees may share one venv.
+    local stamp="$VENV/$1" file=$2 wanted
+    shift
+    wanted=$(cat "$@" | sha256sum | cut -d' ' -f1)
     if [[ -x "$VENV/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then
         return
     fi
-    echo "📦 Setting up $VENV (first run only; a few minutes)..." >&2
-    python3 -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
-    "$VENV/bin/python" -m pip install --quiet -r "$HERE/tests/requirements.txt" >&2
+    echo "📦 Installing ${file#"$HERE/"} into $VENV (first run only; a few minutes)..." >&2
+    if [[ ! -x "$VENV/bin/python" ]]; then
+        python3 -m venv "$VENV"
+        "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
+    fi
+    "$VENV/bin/python" -m pip install --quiet -r "$file" >&2
     echo "$wanted" > "$stamp"
 }
 
-ensure_environment
+# The user's .venv holds what training needs (requirements.txt); tests/run.sh adds the test
+# requirements on top (`./launch.sh setup-tests`), so one venv serves both.
+ensure_environment() {
+    install_requirements .requirements-product.sha256 "$HERE/requirements.txt"
+    if [[ "${1:-}" == "setup-tests" ]]; then  # tests/requirements.txt starts with -r ../requirements.txt
+        install_requirements .requirements-tests.sha256 "$HERE/tests/requirements.txt" "$HERE/requirements.txt"
+    fi
+}
+
+ensure_environment "${1:-}"
 export PATH="$VENV/bin:$PATH"
 
-if [[ "${1:-}" == "setup" ]]; then
-    exit 0  # the environment is ready: used by tests/run.sh
+if [[ "${1:-}" == "setup" || "${1:-}" == "setup-tests" ]]; then
+    exit 0  # the environment is ready (setup-tests: used by tests/run.sh)
 fi
 if [[ "${1:-}" == "status" ]]; then
     shift
