@@ -100,7 +100,7 @@ def model_config(scratch: Path, name: str) -> Path:
 
 
 def measure_steps(args) -> None:
-    from loop_side_by_side import side_by_side
+    from loop_overhead import side_by_side
     from restart_preprocessing import write_corpus
 
     first, last = args.warmup_steps, args.warmup_steps + args.measured_steps

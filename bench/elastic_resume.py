@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from restart_preprocessing import write_corpus
-from timeline import STEP_LINE
+from stopwatch import STEP_LINE
 
 REPO = Path(__file__).resolve().parent.parent
 

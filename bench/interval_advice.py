@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from timeline import STEP_LINE, run_until
+from stopwatch import STEP_LINE, run_until
 
 REPO = Path(__file__).resolve().parent.parent
 SAVED_LINE = re.compile(r"💾 Saved checkpoint-(\d+) \([^,]*, ([\d.]+)s")

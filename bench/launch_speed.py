@@ -18,7 +18,7 @@ round, so the machine's drift over minutes cancels; the table gives the median a
 
 --together runs the two at the same moment instead (neither pinned, each with its own threads), and
 takes each one's rate over the time both were training (step counts interpolated between progress
-lines, as bench/loop_side_by_side.py does). On a machine shared with other work, whose load changes
+lines, as bench/loop_overhead.py side_by_side does). On a machine shared with other work, whose load changes
 from minute to minute, that is the fair comparison: both meet the same load. They also compete
 with each other, so the absolute rates are lower than either would reach alone.
 """
@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 
 from loop_overhead import PLAIN, add_loop_arguments, commands
-from loop_side_by_side import steps_at
+from loop_overhead import steps_at
 from restart_preprocessing import write_corpus
-from timeline import run_to_end, step_times
+from stopwatch import run_to_end, step_times
 
 REPO = Path(__file__).resolve().parent.parent
 BUILT_IN = REPO / "configs" / "gpt2-small-byte.json"

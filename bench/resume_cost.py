@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from restart_preprocessing import write_corpus
-from timeline import run_until, step_times, until_step
+from stopwatch import run_until, step_times, until_step
 
 REPO = Path(__file__).resolve().parent.parent
 FRACTIONS = (0.01, 0.95)

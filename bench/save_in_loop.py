@@ -44,7 +44,7 @@ from types import SimpleNamespace
 from launch_speed import model_config
 from loop_overhead import PLAIN, commands
 from restart_preprocessing import write_corpus
-from timeline import run_to_end, step_times
+from stopwatch import run_to_end, step_times
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {"25M": "512x8", "100M": "768x14"}

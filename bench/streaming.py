@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from timeline import STEP_LINE, run_until, step_times, until_step
+from stopwatch import STEP_LINE, run_until, step_times, until_step
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

@@ -36,7 +36,7 @@ def test_loop_overhead_benchmark_times_all_four_loops(session_env):
 
 
 def test_side_by_side_benchmark_pairs_train_loop_with_each_other_loop(session_env):
-    rows = run_bench(session_env, "loop_side_by_side.py", "--config_name", TINY_MODEL, "--block_size", 32, "--repeats", 1,
+    rows = run_bench(session_env, "loop_overhead.py", "side_by_side", "--config_name", TINY_MODEL, "--block_size", 32, "--repeats", 1,
                      "--warmup_steps", 10, "--measured_steps", 200, "--logging_steps", 10, "--corpus_lines", 1000,
                      "--min_overlap_seconds", 0.5)  # fmt: skip
     assert [row[0] for row in rows] == ["plain PyTorch loop", "plain loop, train_loop's malloc limits", "transformers.Trainer"]
@@ -151,6 +151,6 @@ def test_save_in_loop_benchmark_sets_the_launched_loop_beside_the_direct_write(s
 
 
 def test_page_reuse_benchmark_times_a_write_after_each_pause(session_env):
-    rows = run_bench(session_env, "page_reuse.py", "--megabytes", 2, "--writes", 3, "--pauses", 0, 0.1)
+    rows = run_bench(session_env, "save_cost.py", "page_reuse", "--megabytes", 2, "--writes", 3, "--pauses", 0, 0.1)
     assert [row[0] for row in rows] == ["0", "0.1"]
     assert all(0 < number(row[1]) <= number(row[3]) for row in rows)  # into the page cache, then with fsync
