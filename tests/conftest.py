@@ -22,6 +22,33 @@ TINY_MODEL = REPO / "tests" / "tiny-gpt2.json"
 SAVE_MODES = pytest.mark.parametrize("save_mode", [["--async_save", "false"], ["--async_save", "true"]], ids=["sync", "async"])
 
 
+# The quick lane (./tests/run.sh --quick, ~3 min): each feature's main path once. A test may also
+# carry @pytest.mark.quick itself; these are named here to mark one case of a parametrized test.
+QUICK = [
+    "test_resume.py::test_kill_9_at_arbitrary_moments_ends_byte_identical[sync]",
+    "test_interruptions.py::test_signal_saves_at_the_next_step_exits_75_and_resume_is_exact[SIGTERM]",
+    "test_safety.py::test_damaged_newest_checkpoint_falls_back_and_ends_byte_identical[model.safetensors-corrupt_flip_byte-model.safetensors: checksum mismatch-save_mode1]",
+    "test_safety.py::test_bad_input_gets_one_line_and_exit_2_with_nothing_written[flags0---train_file /nonexistent/data.txt: no such file]",
+    "test_multiprocess.py::test_two_ranks_killed_at_arbitrary_moments_end_byte_identical[sync]",
+    "test_streaming.py::test_one_rank_killed_at_arbitrary_moments_ends_byte_identical",
+    "test_lora.py::test_lora_killed_and_resumed_ends_byte_identical_and_checkpoints_hold_only_the_adapter",
+    "test_async_save.py::test_snapshot_is_the_state_of_the_save_step_while_training_goes_on",
+    "test_status.py::test_status_of_an_empty_a_running_an_interrupted_a_damaged_and_a_finished_run",
+]  # fmt: skip
+# Tests that measure time, pin processes to cores or share the SLURM cluster: ./tests/run.sh runs the
+# others on every core at once (pytest-xdist), then these alone (marker `serial`). A file or file::test.
+SERIAL = ["test_bench.py", "test_multinode.py", "test_slurm.py", "test_interruptions.py::test_max_time_stops_in_time_with_a_checkpoint"]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = {item.path.name, f"{item.path.name}::{item.originalname}", f"{item.path.name}::{item.name}"}
+        if names & set(QUICK):
+            item.add_marker(pytest.mark.quick)
+        if names & set(SERIAL):
+            item.add_marker(pytest.mark.serial)
+
+
 def write_corpus(path: Path, lines: int = 3000, seed: int = 0) -> Path:
     rng = random.Random(seed)
     words = "the quick brown fox jumps over a lazy dog while training resumes at the exact sample".split()
