@@ -35,9 +35,17 @@ QUICK = [
     "test_async_save.py::test_snapshot_is_the_state_of_the_save_step_while_training_goes_on",
     "test_status.py::test_status_of_an_empty_a_running_an_interrupted_a_damaged_and_a_finished_run",
 ]  # fmt: skip
-# Tests that measure time, pin processes to cores or share the SLURM cluster: ./tests/run.sh runs the
-# others on every core at once (pytest-xdist), then these alone (marker `serial`). A file or file::test.
-SERIAL = ["test_bench.py", "test_multinode.py", "test_slurm.py", "test_interruptions.py::test_max_time_stops_in_time_with_a_checkpoint"]
+# Tests that compare times they measure, pin processes to cores or share the SLURM cluster: ./tests/run.sh
+# runs the others on every core at once (pytest-xdist), then these alone (marker `serial`). A file or file::test.
+SERIAL = [
+    "test_multinode.py", "test_slurm.py", "test_interruptions.py::test_max_time_stops_in_time_with_a_checkpoint",
+    "test_bench.py::test_restart_preprocessing_benchmark_runs_and_the_restart_reads_the_cache",
+    "test_bench.py::test_side_by_side_benchmark_pairs_train_loop_with_each_other_loop",
+    "test_bench.py::test_content_hash_benchmark_times_the_hash_and_a_cache_hit_costs_less",
+    "test_bench.py::test_async_save_benchmark_compares_the_blocked_time_and_the_steps_per_second",
+    "test_bench.py::test_launch_speed_benchmark_times_launch_sh_and_the_plain_loop_in_alternation",
+    "test_bench.py::test_page_reuse_benchmark_times_a_write_after_each_pause",
+]  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):
