@@ -153,7 +153,7 @@ def label_names(raw_train, config) -> list:
 
 
 def check_training_labels(raw_train, names: list, config) -> None:
-    """DataError naming the first training row whose label is not among `names` (given or from a checkpoint)."""
+    """DataError naming the first training row whose label is not among `names` (--label_names): before anything is written."""
     label_to_id = class_labels.label_ids(names)
     for index, label in enumerate(raw_train[config.label_column]):
         if str(label) not in label_to_id:
@@ -214,7 +214,8 @@ def prepare_datasets(config, tokenizer, accelerator) -> tuple:
         validation = causal_lm_blocks(raw_validation, tokenizer, config, accelerator) if raw_validation is not None else None
     else:
         names = class_labels.training_labels(config, scan=lambda: label_names(raw_train, config), say=accelerator.print)
-        check_training_labels(raw_train, names, config)
+        if config.label_names:  # labels found in the data, or a checkpoint's for the same content, hold every row's
+            check_training_labels(raw_train, names, config)
         train = classification_examples(raw_train, tokenizer, config, accelerator, names)
         validation = classification_examples(raw_validation, tokenizer, config, accelerator, names) if raw_validation is not None else None
     if config.max_train_samples is not None:

@@ -28,8 +28,11 @@ Contract of one rank's reader (`TrainingStream`):
     in, token ids out), at most 2N chunks ahead of the packer; their results are used in order. An
     error in a worker is raised in the training process at the batch that needed it. Workers die
     with the training process (PR_SET_PDEATHSIG) and ignore Ctrl+C (the training process handles it).
+  Labels.  Classification takes the run's labels (class_labels.py: the checkpoint's, --label_names,
+    or stream_label_names' one pass at a first start). A row with another label is a DataError naming
+    its file and line (parquet: row), raised at the batch that reads it.
   Cost of a resume.  A seek to the byte offset (parquet: one row group read); nothing before it is
-    read again.
+    read again, and the labels come from the checkpoint.
   Memory.  The buffer, the chunks in flight and one batch: it does not grow with the corpus.
 
 On disk the snapshot is OUTPUT_DIR/checkpoint-N/data_stream_<rank>.safetensors (state.py), written
@@ -46,6 +49,7 @@ import io
 import json
 import os
 import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -305,7 +309,10 @@ class TrainingStream:
             return tokenized()
         except UnknownLabel as error:
             part = self.parts[self.file_order(epoch)[slot]]
-            raise DataError(unknown_label_line(part.path, self.kind, position, payload, error, self.label_names)) from None
+            line = unknown_label_line(part.path, self.kind, position, payload, error, self.label_names)
+            if os.environ.get("LOCAL_RANK", "0") != "0":  # train_loop.report() prints the first process's errors only; this row is ours alone
+                print(f"error: {line}", file=sys.stderr, flush=True)
+            raise DataError(line) from None
 
     def _tokenized_chunks(self):
         raw = self._raw_chunks()

@@ -124,3 +124,21 @@ def test_label_names_that_differ_from_the_checkpoint_are_refused_in_one_line(tmp
         "resume with those or without --label_names, or start over with --resume_from_checkpoint none"
     )
     assert [p.name for p in state.list_checkpoints(tmp_path / "run")] == ["checkpoint-7"]
+
+
+def test_label_names_on_the_map_style_path_set_the_ids_and_refuse_another_label_before_writing(tmp_path, session_env):
+    write_labelled_shards(tmp_path / "data", files=1, rows=60)
+    flags = tiny_flags(tmp_path / "data" / "part-0.jsonl", task="sequence-classification", max_steps=4, save_steps=2, label_names="pos,neu,neg")
+    done = train(session_env, tmp_path / "run", flags)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert id2label(tmp_path / "run") == ["pos", "neu", "neg"]
+
+    write_labelled_shards(tmp_path / "odd", files=1, rows=60, odd_label_at=17)
+    refused = train(session_env, tmp_path / "refused", tiny_flags(tmp_path / "odd" / "part-0.jsonl", task="sequence-classification", max_steps=4, label_names="pos,neu,neg"))
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]  # datasets' progress bars aside
+    assert errors == [
+        f"error: {tmp_path / 'odd' / 'part-0.jsonl'} row 17: label 'other' is not among the run's labels (pos, neu, neg); "
+        "fix or remove the row, or list the label in --label_names"
+    ], refused.stderr[-2000:]
+    assert not (tmp_path / "refused").exists()  # found at start: nothing written
