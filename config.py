@@ -45,6 +45,7 @@ class TrainingConfig:
     shuffle_buffer_size: int = flag(10_000, "--streaming: examples in the seeded shuffle buffer (0 or 1: stream order)")
     text_column: str = flag("text", "the column of --train_file or --dataset_name that holds the text")
     label_column: str = flag("label", "sequence classification: the column with the labels (integers or strings)")
+    label_names: str = flag(None, "sequence classification: the labels, comma-separated, in class-id order (a first start then skips the pass over the data that finds them)")
     validation_file: str = flag(None, "evaluation data, same format as --train_file")
     validation_split_percentage: int = flag(None, "hold out this percentage of the training data for evaluation")
     dataset_name: str = flag(None, "a data set on the Hugging Face hub")
@@ -150,6 +151,12 @@ class TrainingConfig:
         for name in self.trackers:
             if importlib.util.find_spec(name) is None:
                 raise UsageError(f"--report_to {name}: the {name} package is not installed; pip install {name}")
+        if self.label_names is not None:
+            if self.task != "sequence-classification":
+                raise UsageError("--label_names is for --task sequence-classification")
+            from class_labels import parse_label_names
+
+            parse_label_names(self.label_names)
         if self.train_file and self.dataset_name:
             raise UsageError("give either --train_file or --dataset_name, not both")
         if self.streaming:

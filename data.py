@@ -18,6 +18,7 @@ import math
 import sysconfig
 from pathlib import Path
 
+import class_labels
 import identity
 from errors import DataError  # noqa: F401 (re-exported: callers import it from here)
 
@@ -148,18 +149,28 @@ def label_names(raw_train, config) -> list:
     return names
 
 
+def check_training_labels(raw_train, names: list, config) -> None:
+    """DataError naming the first training row whose label is not among `names` (--label_names): before anything is written."""
+    label_to_id = class_labels.label_ids(names)
+    for index, label in enumerate(raw_train[config.label_column]):
+        if str(label) not in label_to_id:
+            where = config.train_file or config.dataset_name or "the training data"
+            row = f"row {index + 1}" if not config.validation_split_percentage else "a row"  # a split's rows are not the file's
+            raise DataError(f"{where} {row}: label {label!r} is not among the run's labels ({', '.join(map(str, names))}); fix or remove the row, or list the label in --label_names")
+
+
 def classification_examples(raw, tokenizer, config, accelerator, names: list):
     """input_ids (truncated to --block_size) and integer labels, one example per row."""
     text_column, label_column, block_size = config.text_column, config.label_column, config.block_size
-    label_to_id = {name: index for index, name in enumerate(names)}
+    label_to_id = class_labels.label_ids(names)
     key = fingerprint(raw._fingerprint, tokenizer_identity(tokenizer, config), text_column, label_column, block_size, names)
 
     def tokenize(batch):
-        unknown = {label for label in batch[label_column] if label not in label_to_id}
+        unknown = {label for label in batch[label_column] if str(label) not in label_to_id}
         if unknown:
-            raise DataError(f"labels {sorted(unknown)} are not in the training data's labels {names}")
+            raise DataError(f"labels {sorted(unknown, key=str)} are not in the training data's labels {names}")
         encoded = tokenizer(batch[text_column], truncation=True, max_length=block_size)
-        return {"input_ids": encoded["input_ids"], "labels": [label_to_id[label] for label in batch[label_column]]}
+        return {"input_ids": encoded["input_ids"], "labels": [label_to_id[str(label)] for label in batch[label_column]]}
 
     with accelerator.main_process_first():
         return raw.map(tokenize, batched=True, remove_columns=raw.column_names, new_fingerprint=key, desc="Tokenizing")
@@ -199,7 +210,9 @@ def prepare_datasets(config, tokenizer, accelerator) -> tuple:
         train = causal_lm_blocks(raw_train, tokenizer, config, accelerator)
         validation = causal_lm_blocks(raw_validation, tokenizer, config, accelerator) if raw_validation is not None else None
     else:
-        names = label_names(raw_train, config)
+        names = class_labels.training_labels(config, scan=lambda: label_names(raw_train, config), say=accelerator.print)
+        if config.label_names:  # labels found in the data, or a checkpoint's for the same content, hold every row's
+            check_training_labels(raw_train, names, config)
         train = classification_examples(raw_train, tokenizer, config, accelerator, names)
         validation = classification_examples(raw_validation, tokenizer, config, accelerator, names) if raw_validation is not None else None
     if config.max_train_samples is not None:

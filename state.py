@@ -784,6 +784,20 @@ def read_training_args(path: Path) -> dict:
     return json.loads((Path(path) / TRAINING_ARGS_NAME).read_text())
 
 
+def read_committed_training_args(path: Path) -> dict | None:
+    """training_args.json of a committed checkpoint, checked against its manifest entry; None if the
+    checkpoint has no manifest or that one file does not match it. Reads nothing else, changes nothing
+    (the full check of every file stays newest_valid_checkpoint's)."""
+    try:
+        expected = json.loads((Path(path) / MANIFEST_NAME).read_text())["files"][TRAINING_ARGS_NAME]
+        algorithm = next(known for known in _CHECKSUM_CONSTRUCTORS if known in expected)
+        if _file_checksum(Path(path) / TRAINING_ARGS_NAME, algorithm) != expected[algorithm]:
+            return None
+        return read_training_args(path)
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
+
+
 # --------------------------------------------------------------------------- one run per directory
 
 

@@ -28,8 +28,11 @@ Contract of one rank's reader (`TrainingStream`):
     in, token ids out), at most 2N chunks ahead of the packer; their results are used in order. An
     error in a worker is raised in the training process at the batch that needed it. Workers die
     with the training process (PR_SET_PDEATHSIG) and ignore Ctrl+C (the training process handles it).
+  Labels.  Classification takes the run's labels (class_labels.py: the checkpoint's, --label_names,
+    or stream_label_names' one pass at a first start). A row with another label is a DataError naming
+    its file and line (parquet: row), raised at the batch that reads it.
   Cost of a resume.  A seek to the byte offset (parquet: one row group read); nothing before it is
-    read again.
+    read again, and the labels come from the checkpoint.
   Memory.  The buffer, the chunks in flight and one batch: it does not grow with the corpus.
 
 On disk the snapshot is OUTPUT_DIR/checkpoint-N/data_stream_<rank>.safetensors (state.py), written
@@ -46,11 +49,13 @@ import io
 import json
 import os
 import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from class_labels import UnknownLabel, label_ids, unknown_label_line
 from data import data_builder_for
 from errors import DataError, UsageError
 
@@ -134,11 +139,12 @@ def tokenize_chunk(tokenizer, spec: dict, payload):
         ids = tokenizer(texts)["input_ids"] if texts else []
         return np.fromiter((token for row in ids for token in row), dtype=np.int32)
     encoded = tokenizer(texts, truncation=True, max_length=spec["block_size"])["input_ids"] if texts else []
-    label_to_id = spec["label_to_id"]
-    unknown = {label for label in labels if label not in label_to_id}
-    if unknown:
-        raise DataError(f"labels {sorted(unknown, key=str)} are not among the training data's labels")
-    return [np.asarray(row, dtype=np.int32) for row in encoded], [label_to_id[label] for label in labels]
+    label_to_id, ids = spec["label_to_id"], []
+    for index, label in enumerate(labels):
+        if str(label) not in label_to_id:
+            raise UnknownLabel(label, index)  # the reader, which knows the file and the offset, says where
+        ids.append(label_to_id[str(label)])
+    return [np.asarray(row, dtype=np.int32) for row in encoded], ids
 
 
 # --------------------------------------------------------------------------- reading one rank's part of a file
@@ -228,12 +234,12 @@ class TrainingStream:
     def __init__(self, config, tokenizer, files: list[str], rank: int, world_size: int, per_device_batch: int, device, label_names=None):
         from data import Collator
 
-        self.config, self.tokenizer, self.files = config, tokenizer, files
+        self.config, self.tokenizer, self.files, self.label_names = config, tokenizer, files, label_names
         self.rank, self.world_size, self.per_device_batch, self.device = rank, world_size, per_device_batch, device
         self.kind = data_builder_for(files[0])
         self.spec = {
             "kind": self.kind, "task": config.task, "text_column": config.text_column, "block_size": config.block_size,
-            "label_column": config.label_column, "label_to_id": {name: i for i, name in enumerate(label_names or [])},
+            "label_column": config.label_column, "label_to_id": label_ids(label_names or []),
             "csv_header": None,
         }  # fmt: skip
         self.parts = [self._part(path) for path in files]
@@ -298,11 +304,22 @@ class TrainingStream:
                 raise DataError(f"rank {self.rank}'s part of --train_file holds no rows; use more data or fewer processes")
             epoch, slot, offset = epoch + 1, 0, None
 
+    def _checked(self, tokenized, epoch: int, slot: int, position: int, payload):
+        """The chunk's tokens; a row with an unknown label becomes one line naming its file and line."""
+        try:
+            return tokenized()
+        except UnknownLabel as error:
+            part = self.parts[self.file_order(epoch)[slot]]
+            line = unknown_label_line(part.path, self.kind, position, payload, error, self.label_names)
+            if os.environ.get("LOCAL_RANK", "0") != "0":  # train_loop.report() prints the first process's errors only; this row is ours alone
+                print(f"error: {line}", file=sys.stderr, flush=True)
+            raise DataError(line) from None
+
     def _tokenized_chunks(self):
         raw = self._raw_chunks()
         if not self.workers:
             for epoch, slot, position, payload in raw:
-                yield epoch, slot, position, tokenize_chunk(self.tokenizer, self.spec, payload)
+                yield epoch, slot, position, self._checked(lambda: tokenize_chunk(self.tokenizer, self.spec, payload), epoch, slot, position, payload)
             return
         if self._executor is None:
             import multiprocessing
@@ -311,10 +328,10 @@ class TrainingStream:
             self._executor = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"), initializer=_start_worker, initargs=(self.tokenizer,))
         in_flight = collections.deque()
         for epoch, slot, position, payload in raw:
-            in_flight.append((epoch, slot, position, self._executor.submit(_tokenize_in_worker, self.spec, payload)))
+            in_flight.append((epoch, slot, position, payload, self._executor.submit(_tokenize_in_worker, self.spec, payload)))
             if len(in_flight) >= 2 * self.workers:
-                epoch_, slot_, position_, future = in_flight.popleft()
-                yield epoch_, slot_, position_, future.result()
+                epoch_, slot_, position_, payload_, future = in_flight.popleft()
+                yield epoch_, slot_, position_, self._checked(future.result, epoch_, slot_, position_, payload_)
 
     def _next_example(self):
         """The next example in stream order (before the shuffle buffer)."""
@@ -480,19 +497,33 @@ def needed_columns(path: str, names: list | None, config) -> tuple:
     return columns
 
 
-def stream_label_names(files: list[str], config) -> list:
-    """Classification: the sorted distinct labels; one read of every row's label at each start (a stream has no cache)."""
+def stream_label_names(files: list[str], config, say=print) -> list:
+    """Classification: the sorted distinct labels, from one pass over every row (a first start without
+    --label_names; a resume takes them from its checkpoint). Says how far it is, about every 5 s."""
+    import time
+
+    from state import human_bytes
+
     spec = {"kind": data_builder_for(files[0]), "task": config.task, "text_column": config.text_column, "label_column": config.label_column, "csv_header": None}
-    labels = set()
+    total, done, labels = sum(os.path.getsize(path) for path in files), 0, set()
+    began = shown = time.monotonic()
+    say(f"🏷️  Finding the labels: one pass over {len(files)} file(s), {human_bytes(total)} (--label_names a,b,c skips it)")
     for path in files:
         header_end, columns = file_columns(path, spec["kind"])
         spec["csv_header"] = columns if spec["kind"] == "csv" else None
         part = FilePart(path, spec["kind"], 0, 1, needed_columns(path, columns, config), header_end)  # checked before any row is read
-        for _, payload in part.chunks(None):
+        for position, payload in part.chunks(None):
             labels.update(rows_of(spec, payload)[1])
+            if time.monotonic() - shown > 5:
+                shown = time.monotonic()
+                read = done + (position / max(1, part.end) * os.path.getsize(path) if spec["kind"] == "parquet" else position)
+                say(f"🏷️  Finding the labels: {human_bytes(read)} / {human_bytes(total)} read ({100 * read / max(1, total):.0f} %)")
+        done += os.path.getsize(path)
     if None in labels:
         raise DataError(f"--label_column {config.label_column!r} has empty values; every training row needs a label")
-    return sorted(labels)
+    names = sorted(labels)
+    say(f"🏷️  Found {len(names)} labels in {human_bytes(total)} ({time.monotonic() - began:.1f} s): {', '.join(map(str, names))}")
+    return names
 
 
 def validation_data(config, tokenizer, accelerator, names):

@@ -86,7 +86,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         **config.result_defining_args(), "model_config": model_identity(config), **input_identities(config, tokenizer),
         "world_size": world_size, "global_batch_size": plan.global_batch, "gradient_accumulation_steps": plan.accumulation,
         "data_fingerprint": train_batches.fingerprint, "train_samples": train_batches.samples,
-        "mixed_precision": accelerator.mixed_precision, **switches_record,
+        "mixed_precision": accelerator.mixed_precision, "labels": label_names, **switches_record,  # labels: a resume reads them here, not in the data
     }  # fmt: skip
 
     # ---- resume

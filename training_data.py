@@ -6,6 +6,7 @@ validation loaders) and data.py never imports streaming.py back.
 
 from __future__ import annotations
 
+import class_labels
 import data
 import streaming
 
@@ -19,7 +20,9 @@ def load_training_data(config, tokenizer, accelerator) -> tuple:
     if not config.streaming:
         return data.prepare_datasets(config, tokenizer, accelerator)
     files = streaming.expand_train_files(config.train_file)
-    names = streaming.stream_label_names(files, config) if config.task == "sequence-classification" else None
+    names = None
+    if config.task == "sequence-classification":
+        names = class_labels.training_labels(config, scan=lambda: streaming.stream_label_names(files, config, accelerator.print), say=accelerator.print)
     return files, streaming.validation_data(config, tokenizer, accelerator, names), names
 
 

@@ -11,6 +11,8 @@ Production code has no test switches; this wrapper patches it from the outside:
   HARNESS_RECORD_BATCHES=FILE append "step<TAB>sha256 of each micro-batch" per optimizer step
   HARNESS_HIDE_PACKAGES=A,B   make these packages look not installed (e.g. wandb)
   HARNESS_RECORD_SEEDS=FILE   append "step<TAB>sha256=seed of each micro-batch" per optimizer step
+  HARNESS_RECORD_READS=FILE   append "scan" when the labels are found by reading the data, and
+                              "read<TAB>file<TAB>position" each time --streaming starts reading a file
 """
 
 import hashlib
@@ -102,5 +104,25 @@ if record_file or seeds_file:
         return original_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm, seeds)
 
     train_loop.train_step = recording_step
+
+reads_file = os.environ.get("HARNESS_RECORD_READS")
+if reads_file:
+    import streaming  # noqa: E402
+
+    def record(line):
+        with open(reads_file, "a") as handle:
+            handle.write(line + "\n")
+
+    original_scan, original_chunks = streaming.stream_label_names, streaming.FilePart.chunks
+
+    def recording_scan(*args, **kwargs):
+        record("scan")
+        return original_scan(*args, **kwargs)
+
+    def recording_chunks(part, position):
+        record(f"read\t{part.path}\t{position}")
+        return original_chunks(part, position)
+
+    streaming.stream_label_names, streaming.FilePart.chunks = recording_scan, recording_chunks
 
 sys.exit(train_loop.run_cli())
