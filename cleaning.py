@@ -6,6 +6,8 @@ crash-safely through state.delete_checkpoint (renamed to `.deleting-checkpoint-N
 kill part-way leaves no half checkpoint; the next start or clean finishes the deletion).
 
 Guarantees:
+  - a directory that holds no run (no trainer_state.json, no checkpoint) or is itself a checkpoint
+    is refused (exit 2) before anything is written in it, the lock file included;
   - it holds the run's lock while it deletes: it refuses (exit 2) while a run holds it, and no
     run can start in the directory until it is done;
   - before training is complete (OUTPUT_DIR/trainer_state.json says so only after the final
@@ -124,6 +126,12 @@ def main(argv=None) -> int:
     if not output_dir.is_dir():
         print(f"error: --output_dir {output_dir} is not a directory; give the training's --output_dir", file=sys.stderr)
         return EXIT_USAGE
+    if state.checkpoint_step(output_dir) is not None:
+        print(f"error: {output_dir} is a checkpoint; give the training's --output_dir ({output_dir.parent})", file=sys.stderr)
+        return EXIT_USAGE
+    if not (output_dir / state.TRAINER_STATE_NAME).is_file() and not state.list_checkpoints(output_dir):
+        print(f"error: {output_dir} holds no training run (no {state.TRAINER_STATE_NAME}, no checkpoint); give the training's --output_dir", file=sys.stderr)
+        return EXIT_USAGE  # and no lock file is left in a directory that is not a run's
 
     lock = state.OutputDirLock(output_dir)
     try:

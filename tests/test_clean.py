@@ -125,3 +125,18 @@ def test_backup_line_names_the_checkpoints_only_here():
     partly = backup_line("s3://b/run", deleting, {"checkpoint-30", "checkpoint-40"})
     assert "holds checkpoint-30, not checkpoint-10, checkpoint-20" in partly and partly.startswith("⚠️")
     assert "holds none of the checkpoints" in backup_line("/mnt/backup", deleting, set())
+
+
+def test_clean_refuses_a_directory_that_is_not_a_run_and_a_checkpoint_given_as_the_output_dir(tmp_path, session_env, corpus):
+    stranger = tmp_path / "home"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    result = clean(session_env, stranger, "--force")
+    assert result.returncode == 2 and "holds no training run" in result.stderr and result.stderr.count("\n") == 1
+    assert sorted(path.name for path in stranger.iterdir()) == ["notes.txt"]  # not even a lock file
+
+    output_dir = tmp_path / "run"
+    assert train(session_env, output_dir, tiny_flags(corpus, max_steps=10, save_steps=10)).returncode == 0
+    inside = clean(session_env, output_dir / "checkpoint-10", "--force")
+    assert inside.returncode == 2 and f"is a checkpoint; give the training's --output_dir ({output_dir})" in inside.stderr
+    state.verify_checkpoint(output_dir / "checkpoint-10")
