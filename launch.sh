@@ -4,6 +4,7 @@
 #   ./launch.sh [--retries N] [training flags]     train (the built-in demo with no flags)
 #   NUM_PROCESSES=2 ./launch.sh [flags]            N processes (GPUs, or CPU ranks over gloo)
 #   ./launch.sh status [--output_dir DIR] [--json] [--plot]
+#   ./launch.sh clean [--output_dir DIR] [--force]     at the end: keep the final model, delete the checkpoints
 #   ./launch.sh setup                              only create .venv/
 #   ./launch.sh setup-tests                        also install tests/requirements.txt (tests/run.sh does)
 #
@@ -56,6 +57,10 @@ fi
 if [[ "${1:-}" == "status" ]]; then
     shift
     exec python "$HERE/status.py" "$@"
+fi
+if [[ "${1:-}" == "clean" ]]; then
+    shift
+    exec python "$HERE/cleaning.py" "$@"
 fi
 
 # Start, signals, waiting, retries and exit codes: supervisor.py. It is Python because bash cannot

@@ -29,6 +29,7 @@ class StartDecision:
     checkpoint_state: TrainingState | None = None  # read by every rank after the broadcast
     run_history: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
+    already_complete: str | None = None  # the run ended and its checkpoints were cleaned away: say so, train nothing
     lock: state.OutputDirLock | None = None  # the main process's, set after the broadcast
 
 
@@ -69,6 +70,12 @@ def _decide_on_main_process(config: TrainingConfig, lock: state.OutputDirLock) -
             state.verify_checkpoint(chosen)
         except state.CheckpointError as damaged:
             return StartDecision(error=f"--resume_from_checkpoint {chosen}: {damaged}", exit_code=EXIT_USAGE)
+    if chosen is None and live.get("training_complete"):  # without this, a rerun after `./launch.sh clean` trained again from step 0
+        decision.already_complete = (
+            f"✅ Training in {output_dir} is already complete ({live.get('global_step')} steps) and its checkpoints are gone "
+            f"(./launch.sh clean, or deleted by hand): nothing to resume, nothing trained. The final model is in {output_dir}; "
+            "to train again from step 0 (overwriting it), add --resume_from_checkpoint none"
+        )
     if chosen is not None:
         archive, moved = state.archive_checkpoints(output_dir, newer_than=state.checkpoint_step(chosen))
         if archive:

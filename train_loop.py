@@ -69,6 +69,9 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         if accelerator.is_main_process:
             print(f"error: {decision.error}", file=sys.stderr)
         return decision.exit_code
+    if decision.already_complete:  # finished and cleaned: the final model stays as it is
+        say(decision.already_complete)
+        return EXIT_DONE
     plan = resume.plan_batches(config, world_size, decision.checkpoint_state)
     for note in decision.notes + ([plan.note] if plan.note else []):
         say(note)
