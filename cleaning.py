@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import state
-from config import EXIT_DONE, EXIT_FAILED, EXIT_USAGE
+from errors import EXIT_DONE, EXIT_FAILED, EXIT_USAGE
 
 ARCHIVE_PREFIXES = ("previous-run-", "superseded-")  # state.archive_checkpoints' folders
 
