@@ -18,7 +18,7 @@ import signal
 import subprocess
 import time
 
-from config import EXIT_ABORTED
+from errors import EXIT_ABORTED
 
 
 class StopRequests:
