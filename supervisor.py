@@ -16,7 +16,10 @@ NUM_PROCESSES processes (default 1), on NUM_MACHINES machines (see `launcher_com
   The training unblocks them once its handlers are installed: a signal that came while it was
   starting is delivered then, neither lost nor fatal.
 - Waiting. It is the subreaper of everything it starts: a training process whose launcher died
-  is adopted. It returns only when no process it started is left.
+  is adopted. It returns only when no process it started is left, or TEARDOWN_GRACE_SECONDS
+  after the training recorded its exit code: then it ends (SIGKILL) what is left of this run,
+  its own descendants only, and says so in one line. So each machine's launch.sh exits with the
+  training's code in bounded time, whatever the other machines do.
 - Exit code: the training's own (read back from the exit code file; accelerate reports every
   failure as 1), else the launcher's (128 + N for a death by signal N).
 - --retries N: start again after any code but 0, 2 and 130, up to N times, with
@@ -43,6 +46,10 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 EXIT_DONE, EXIT_USAGE, EXIT_STOPPED_EARLY, EXIT_ABORTED = 0, 2, 75, 130
 HERE = Path(__file__).resolve().parent
 POLL_SECONDS = 0.1  # how soon a signal reaches the training, and a finished training is noticed
+# After the training recorded its exit code, its processes end within seconds; one that is still
+# there after this long is stuck in a teardown below us (a torch/gloo deadlock, a launcher waiting
+# for a machine that is gone), and would hold a multi-node job until its time limit.
+TEARDOWN_GRACE_SECONDS = 30
 
 received: list[int] = []  # every forwarded signal, in order of arrival
 
@@ -90,11 +97,32 @@ def start(command: list[str]) -> subprocess.Popen:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # ours again; pending ones run now
 
 
-def wait_for_everything(launcher: subprocess.Popen) -> int:
+def descendants_of(pid: int) -> list[int]:
+    found, parents = [], {pid}
+    while parents:
+        parents = set(children_of(parents))
+        found += parents
+    return found
+
+
+def wait_for_everything(launcher: subprocess.Popen, exit_code_file: Path) -> int:
     """Pass signals on until no process we started is left; the launcher's exit code."""
     launcher_code = None
     passed_on = {}  # training pid -> how many of `received` it has been sent
+    code_recorded_at = None
     while True:
+        if code_recorded_at is None and read_exit_code(exit_code_file) is not None:
+            code_recorded_at = time.monotonic()
+        elif code_recorded_at is not None and time.monotonic() - code_recorded_at > TEARDOWN_GRACE_SECONDS:
+            stuck = descendants_of(os.getpid())
+            print(f"launch.sh: {len(stuck)} process(es) of this run still running {TEARDOWN_GRACE_SECONDS} s after the training "
+                  f"recorded its exit code; ending them (SIGKILL, pids {' '.join(map(str, stuck))})", file=sys.stderr, flush=True)  # fmt: skip
+            for pid in stuck:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            code_recorded_at = float("inf")  # once
         while True:  # reap whatever has ended: the launcher, adopted ranks, their adopted children
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -220,7 +248,7 @@ def run(argv: list[str]) -> int:
                 return code
             exit_code_file.write_text("")
             process = start([*launcher, str(HERE / "train_loop.py"), "--exit_code_file", str(exit_code_file), *argv])
-            launcher_code = wait_for_everything(process)
+            launcher_code = wait_for_everything(process, exit_code_file)
             written = read_exit_code(exit_code_file)
             code = written if written is not None else (128 - launcher_code if launcher_code < 0 else launcher_code)
             if code in (EXIT_DONE, EXIT_USAGE, EXIT_ABORTED):

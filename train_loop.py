@@ -150,7 +150,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     saver.wait()
     write_final_model(accelerator, model, tokenizer, config, progress, log)
     accelerator.wait_for_everyone()
-    accelerator.end_training()  # last: it also tears down the process group
+    finish_trackers(accelerator)  # the process group is left later, in run_cli, once the model is gone
     return EXIT_DONE
 
 
@@ -186,7 +186,7 @@ def stop_early(accelerator, stopping: StopCheck, saver: CheckpointSaver, log: Tr
     saver.wait()  # the stop's save, or one still in flight
     log.write_live_state(stop_reason=stopping.reason)
     accelerator.print("▶️  To continue, run the same command again.")
-    accelerator.end_training()  # last: it also tears down the process group
+    finish_trackers(accelerator)  # the process group is left later, in run_cli, once the model is gone
     return EXIT_STOPPED_EARLY
 
 
@@ -325,7 +325,33 @@ def run_cli(argv=None) -> int:
         record_exit_code(config, code)
         if stop is not None:
             stop.ignore_from_now()
+    leave_process_group()  # not after an unexpected error: its traceback still holds the model
     return code
+
+
+def finish_trackers(accelerator) -> None:
+    """accelerator.end_training() without its destroy_process_group(): see leave_process_group for why."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
+def leave_process_group() -> None:
+    """Tear down torch.distributed after the model that uses it is gone, so that the teardown cannot deadlock.
+
+    DDP's reducer holds the process group from C++, and is freed with the GIL held. When it drops
+    the last reference (as it did after accelerate's end_training() had destroyed the group),
+    ~ProcessGroupGloo joins gloo's worker threads with the GIL held, while a worker still freeing
+    an all-reduce's tensor waits for the GIL to free its Python object: the rank never exited,
+    nor did its machine's launch.sh (issue 26: the multi-node job that did not requeue). Freed in
+    this order, the last reference is the group's own Python object, which releases the GIL first.
+    """
+    import gc
+
+    import torch.distributed
+
+    gc.collect()  # the model, the accelerator and their reference cycles go while the group still exists
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def lost_another_process(error: RuntimeError) -> bool:
