@@ -128,10 +128,11 @@ def cause(error: BaseException) -> str:
     else:
         first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
         reason = re.sub(r"^Generic \w+ error: ", "", first)
-        for marker in ("error sending request", "Connection refused", "connection refused", "timed out", "dns error"):
-            if marker in text:
-                reason = f"{marker} ({first[:160]})"
-                break
+        server = re.search(r"(https?://[^/\s]+)", text)
+        if "error sending request" in text or "onnection refused" in text or "dns error" in text:
+            reason = f"cannot reach {server.group(1) if server else 'the server'} (no answer: is the endpoint right and up?)"
+        elif "timed out" in text:
+            reason = f"{server.group(1) if server else 'the server'} timed out"
     return _scrub(reason[:300])
 
 
