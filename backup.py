@@ -577,6 +577,7 @@ class BackupUploader:
             except Exception as error:  # any failure of DEST: warn, keep the job unless a newer one came, retry
                 reason = cause(error)
                 self.status["last_error"], self.status["last_error_at"] = reason, round(time.time(), 1)
+                self._write_status()  # `status` shows the error during the wait below
                 if not self._failing:
                     self.say(f"⚠️  backup to {self.text} failed ({reason}); training continues, retrying in the background")
                 self._failing = True

@@ -99,16 +99,18 @@ def assert_no_secret(secret: str, *places) -> None:
                 assert secret.encode() not in path.read_bytes(), f"the secret key is in {path}"
 
 
+def s3_run(s3, session_env, corpus, prefix="run"):
+    """(flags, environment, DEST's folder on the server's disk) of a run backed up to s3://bucket/PREFIX."""
+    return tiny_flags(corpus, **FLAGS) + ["--backup_to", f"s3://{BUCKET}/{prefix}"], {**session_env, **s3.env()}, s3.folder(prefix)
+
+
 @pytest.mark.quick
 def test_killed_then_fresh_machine_restores_from_s3_byte_identical(tmp_path, session_env, corpus, reference_runs, s3):
-    flags = tiny_flags(corpus, **FLAGS)
-    reference = reference_runs(flags)
-    backup = ["--backup_to", f"s3://{BUCKET}/runs/one"]
-    env = {**session_env, **s3.env()}
+    reference = reference_runs(tiny_flags(corpus, **FLAGS))
+    flags, env, dest = s3_run(s3, session_env, corpus, "runs/one")
     output_dir = tmp_path / "run"
-    dest = s3.folder("runs/one")
 
-    run = Training(env, output_dir, flags + backup)  # kill -9 during training, once DEST holds a checkpoint
+    run = Training(env, output_dir, flags)  # kill -9 during training, once DEST holds a checkpoint
     run.wait_for(r"Saved checkpoint-20")
     wait_until(lambda: committed(dest), what="a committed checkpoint in DEST")
     run.signal_group(signal.SIGKILL)
@@ -116,7 +118,7 @@ def test_killed_then_fresh_machine_restores_from_s3_byte_identical(tmp_path, ses
     in_dest = committed(dest)[-1]
     shutil.rmtree(output_dir)  # the machine is gone
 
-    final = train(env, output_dir, flags + backup)
+    final = train(env, output_dir, flags)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     assert f"☁️  restored {in_dest} from s3://{BUCKET}/runs/one (" in final.stdout
     assert f"✅ Resumed from checkpoint (step {in_dest.split('-')[1]}," in final.stdout
@@ -126,26 +128,23 @@ def test_killed_then_fresh_machine_restores_from_s3_byte_identical(tmp_path, ses
     assert committed(dest) == ["checkpoint-20", "checkpoint-30", "checkpoint-40"]  # --save_total_limit 3
     assert_no_secret(s3.secret, output_dir, s3.root, run.text, final.stdout, final.stderr)
 
-    again = train(env, tmp_path / "another-machine", flags + backup)  # DEST holds a completed run
+    again = train(env, tmp_path / "another-machine", flags)  # DEST holds a completed run
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Training is already complete" in again.stdout and "restored the final model" in again.stdout
     assert file_digest(tmp_path / "another-machine" / "model.safetensors") == file_digest(reference / "model.safetensors")
 
 
 def test_killed_during_an_upload_then_fresh_machine(tmp_path, session_env, corpus, reference_runs, s3):
-    flags = tiny_flags(corpus, **FLAGS)
-    reference = reference_runs(flags)
-    backup = ["--backup_to", f"s3://{BUCKET}/run"]
-    env = {**session_env, **s3.env()}
+    reference = reference_runs(tiny_flags(corpus, **FLAGS))
+    flags, env, dest = s3_run(s3, session_env, corpus)
     output_dir = tmp_path / "run"
-    dest = s3.folder("run")
 
-    killed = train(env, output_dir, flags + backup, harness_env={"HARNESS_KILL_IN_UPLOAD": "20"})
+    killed = train(env, output_dir, flags, harness_env={"HARNESS_KILL_IN_UPLOAD": "20"})
     assert killed.returncode == -signal.SIGKILL
     assert (dest / "checkpoint-20" / "model.safetensors").is_file() and not (dest / "checkpoint-20" / "manifest.json").exists()
     shutil.rmtree(output_dir)
 
-    final = train(env, output_dir, flags + backup)
+    final = train(env, output_dir, flags)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     assert "☁️  restored checkpoint-10 from" in final.stdout  # the half-uploaded checkpoint-20 never counted
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
@@ -173,20 +172,17 @@ def test_refused_at_start_in_one_line_nothing_written(tmp_path, session_env, cor
 
 
 def test_damaged_newest_checkpoint_in_dest_is_named_and_passed_over(tmp_path, session_env, corpus, reference_runs, s3):
-    flags = tiny_flags(corpus, **FLAGS)
-    reference = reference_runs(flags)
-    backup = ["--backup_to", f"s3://{BUCKET}/run"]
-    env = {**session_env, **s3.env()}
-    first = train(env, tmp_path / "first", flags + backup)
+    reference = reference_runs(tiny_flags(corpus, **FLAGS))
+    flags, env, dest = s3_run(s3, session_env, corpus)
+    first = train(env, tmp_path / "first", flags)
     assert first.returncode == 0, first.stderr[-2000:]
-    dest = s3.folder("run")
     weights = dest / "checkpoint-40" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit, same size: only the checksum can tell
     weights.write_bytes(bytes(data))
 
     output_dir = tmp_path / "fresh"
-    result = train(env, output_dir, flags + backup)
+    result = train(env, output_dir, flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"⚠️  checkpoint-40 in s3://{BUCKET}/run is damaged (model.safetensors: checksum mismatch); passed over" in result.stdout
     assert "☁️  restored checkpoint-30 from" in result.stdout  # the next older one; the final model (step 40) is not taken
@@ -218,10 +214,9 @@ def test_directory_dest_retention_and_nothing_outside_the_prefix(tmp_path, sessi
 
 
 def test_server_away_mid_run_warns_retries_and_catches_up(tmp_path, session_env, corpus, reference_runs, s3):
-    flags = tiny_flags(corpus, **FLAGS)
-    reference = reference_runs(flags)
-    env = {**session_env, **s3.env()}
-    run = Training(env, tmp_path / "run", flags + ["--backup_to", f"s3://{BUCKET}/run"])
+    reference = reference_runs(tiny_flags(corpus, **FLAGS))
+    flags, env, dest = s3_run(s3, session_env, corpus)
+    run = Training(env, tmp_path / "run", flags)
     run.wait_for(r"Saved checkpoint-10")
     s3.stop()
     run.wait_for(r"⚠️  backup to s3://bucket/run failed \(")
@@ -232,8 +227,8 @@ def test_server_away_mid_run_warns_retries_and_catches_up(tmp_path, session_env,
     assert code == 0, run.text[-3000:]
     assert run.text.count("⚠️  backup to") == 1  # one line for the outage, not one per retry
     assert "works again" in run.text
-    assert file_digest(s3.folder("run") / "final-model" / "model.safetensors") == file_digest(reference / "model.safetensors")
-    assert committed(s3.folder("run"))[-1] == "checkpoint-40"
+    assert file_digest(dest / "final-model" / "model.safetensors") == file_digest(reference / "model.safetensors")
+    assert committed(dest)[-1] == "checkpoint-40"
 
 
 def test_end_waits_for_the_backup_then_the_same_command_finishes_the_upload(tmp_path, session_env, corpus, s3):
