@@ -267,3 +267,34 @@ def test_two_processes_the_main_one_uploads(tmp_path, session_env, corpus, s3):
     assert "☁️  restored checkpoint-14" in again.stdout and "Training is already complete" in again.stdout
     assert file_digest(tmp_path / "run" / "model.safetensors") == file_digest(dest / "final-model" / "model.safetensors")
     assert_no_secret(s3.secret, tmp_path / "run", result.stdout, result.stderr, again.stdout, again.stderr)
+
+
+@pytest.mark.slow
+def test_slurm_job_on_scratch_requeued_with_an_empty_output_dir_continues_from_backup(tmp_path, session_env, corpus, reference_runs):
+    from test_slurm import REPO, cluster_is_up
+
+    if not cluster_is_up():
+        pytest.skip("no SLURM cluster here: run tests/slurm/start_cluster.sh (as root) first")
+    # About 100 s of training on 2 cores: more than one 1-minute allocation (as in test_slurm.py).
+    flags = tiny_flags(corpus, max_train_samples=200, max_steps=6000, save_steps=1000, logging_steps=500)
+    reference = reference_runs(flags)
+    dest, scratch, log = tmp_path / "shared" / "run1", tmp_path / "scratch", tmp_path / "job.log"
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--time=1", f"--output={log}", f"--chdir={REPO}", "--signal=B:USR1@30",
+         str(REPO / "slurm" / "train.sbatch"), *flags, "--backup_to", str(dest)],
+        env={**session_env, "SCRATCH_DIR": str(scratch)}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    job_id = submitted.stdout.strip().split(";")[0]
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and not (dest / "final-model" / "manifest.json").exists():
+            if not subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
+                break
+            time.sleep(5)
+    finally:
+        subprocess.run(["scancel", job_id])
+    text = log.read_text()
+    assert "requeueing job" in text and "☁️  restored checkpoint-" in text, text[-3000:]
+    attempts = sorted(p.name for p in scratch.iterdir())
+    assert len(attempts) >= 2 and all(name.startswith(f"resumable-{job_id}-") for name in attempts), attempts
+    assert file_digest(dest / "final-model" / "model.safetensors") == file_digest(reference / "model.safetensors")
