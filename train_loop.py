@@ -185,7 +185,7 @@ def stop_early(accelerator, stopping: StopCheck, saver: CheckpointSaver, log: Tr
     log.write_live_state(stop_reason=stopping.reason)
     accelerator.print("▶️  To continue, run the same command again.")
     accelerator.end_training()  # last: it also tears down the process group
-    backup.wait_at_stop(saver.backup, config)  # the stop's checkpoint to --backup_to (a requeued job may land elsewhere)
+    backup.wait_at_stop(saver.backup, saver.config)  # the stop's checkpoint to --backup_to (a requeued job may land elsewhere)
     return EXIT_STOPPED_EARLY
 
 

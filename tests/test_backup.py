@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -248,6 +249,17 @@ def test_end_waits_for_the_backup_then_the_same_command_finishes_the_upload(tmp_
     assert committed(s3.folder("run"))[-1] == "checkpoint-40"
 
 
+def test_a_stop_waits_for_its_checkpoint_to_reach_dest(tmp_path, session_env, corpus):
+    dest = tmp_path / "backups" / "run"
+    run = Training(session_env, tmp_path / "run", tiny_flags(corpus, **FLAGS) + ["--backup_to", str(dest)])
+    run.wait_for(r"Saved checkpoint-10")
+    os.kill(run.process.pid, signal.SIGUSR1)
+    assert run.finish() == 75, run.text[-3000:]
+    stopped_at = int(re.search(r"Stopping at step (\d+)", run.text).group(1))
+    assert f"☁️  checkpoint-{stopped_at} is in {dest}" in run.text
+    assert committed(dest)[-1] == f"checkpoint-{stopped_at}"
+
+
 @pytest.mark.slow
 def test_two_processes_the_main_one_uploads(tmp_path, session_env, corpus, s3):
     from test_multiprocess import TWO_RANKS
@@ -279,6 +291,7 @@ def test_slurm_job_on_scratch_requeued_with_an_empty_output_dir_continues_from_b
     flags = tiny_flags(corpus, max_train_samples=200, max_steps=6000, save_steps=1000, logging_steps=500)
     reference = reference_runs(flags)
     dest, scratch, log = tmp_path / "shared" / "run1", tmp_path / "scratch", tmp_path / "job.log"
+    subprocess.run([str(REPO / "launch.sh"), "setup"], env=session_env, check=True)  # the job must not spend its minute installing
     submitted = subprocess.run(
         ["sbatch", "--parsable", "--time=1", f"--output={log}", f"--chdir={REPO}", "--signal=B:USR1@30",
          str(REPO / "slurm" / "train.sbatch"), *flags, "--backup_to", str(dest)],
