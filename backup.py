@@ -264,6 +264,21 @@ def startup_problem(text: str) -> str | None:
     return None
 
 
+def newer_than_the_start(text: str, step: int | None) -> str | None:
+    """With --resume_from_checkpoint none (step None) or PATH (its step): a line if DEST holds committed
+    checkpoints past it. They would be restored by the next start, and retention would keep them over
+    this run's own, so a new run needs a prefix of its own."""
+    try:
+        names = committed_checkpoints(text)
+    except BackupUnavailable as away:
+        return f"--backup_to {text} cannot be read ({away})"
+    newer = [name for name in _newest_first(names) if step is None or state.checkpoint_step(Path(name)) > step]
+    if not newer:
+        return None
+    return (f"--backup_to {text} holds {', '.join(reversed(newer))} of an earlier run, which the next start would restore; "
+            "give this run a --backup_to prefix of its own (or delete them there)")  # fmt: skip
+
+
 def _as_destination(destination) -> Destination:
     return destination if isinstance(destination, Destination) else Destination(str(destination))
 

@@ -54,6 +54,10 @@ def _decide_on_main_process(config: TrainingConfig, lock: state.OutputDirLock) -
             decision.notes += backup.restore_newer(config.backup_to, output_dir)
         except backup.BackupUnavailable as away:
             return StartDecision(error=f"could not restore from --backup_to {config.backup_to} ({away}); run the same command again", exit_code=EXIT_FAILED)
+    if config.backup_to and config.resume_from_checkpoint != "auto":  # DEST must not hold a later state than the one chosen
+        start_step = None if config.resume_from_checkpoint == "none" else state.checkpoint_step(Path(config.resume_from_checkpoint))
+        if problem := backup.newer_than_the_start(config.backup_to, start_step):
+            return StartDecision(error=problem, exit_code=EXIT_USAGE)
     live = state.read_live_state(output_dir) or {}
     decision.run_history = live.get("run_history", [])
 

@@ -213,6 +213,10 @@ def test_directory_dest_retention_and_nothing_outside_the_prefix(tmp_path, sessi
     status = subprocess.run([sys.executable, "status.py", "--output_dir", str(tmp_path / "run")], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert f"backup {dest}: newest checkpoint-40, up to date, final model ✅" in status.stdout, status.stdout
 
+    fresh = train(session_env, tmp_path / "run", flags + ["--backup_to", str(dest), "--resume_from_checkpoint", "none"])
+    assert fresh.returncode == 2 and f"error: --backup_to {dest} holds checkpoint-30, checkpoint-40 of an earlier run" in fresh.stderr, fresh.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoint-40").is_dir()  # refused before anything moved
+
 
 def test_server_away_mid_run_warns_retries_and_catches_up(tmp_path, session_env, corpus, reference_runs, s3):
     reference = reference_runs(tiny_flags(corpus, **FLAGS))
