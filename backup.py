@@ -736,7 +736,8 @@ def wait_at_stop(uploader: BackupUploader | None, config) -> None:
     if uploader is None:
         return
     if uploader.wait(config.backup_timeout):
-        print(f"☁️  {uploader.status.get('newest_committed')} is in {uploader.text}", flush=True)
+        if uploader.status.get("newest_committed"):  # nothing to say when the stop came before the first save
+            print(f"☁️  {uploader.status['newest_committed']} is in {uploader.text}", flush=True)
     else:
         print(f"⚠️  the newest checkpoint did not reach {uploader.text} within --backup_timeout {config.backup_timeout:g} s; it is complete locally", flush=True)
     uploader.close()
