@@ -504,6 +504,7 @@ class BackupUploader:
         self._waiting_checkpoint: Path | None = None  # staged, not yet started
         self._waiting_final: tuple[Path, int] | None = None
         self._busy = False
+        self._uploading: Path | None = None  # the staged checkpoint the worker is uploading now
         self._closing = False
         self._failing = False
         self._tidied = False
@@ -522,8 +523,11 @@ class BackupUploader:
     def checkpoint_ready(self, checkpoint: Path) -> None:
         """A checkpoint is complete locally: stage it (hard links) and hand it over, replacing one still waiting."""
         checkpoint = Path(checkpoint)
-        manifest = json.loads((checkpoint / state.MANIFEST_NAME).read_text())
         staged = self.staging / checkpoint.name
+        with self._condition:
+            if staged in (self._waiting_checkpoint, self._uploading):
+                return  # handed over already (the worker's start-up check and the loop may both offer it)
+        manifest = json.loads((checkpoint / state.MANIFEST_NAME).read_text())
         _link_tree([(checkpoint / name, name) for name in manifest["files"]] + [(checkpoint / state.MANIFEST_NAME, state.MANIFEST_NAME)], staged)
         with self._condition:
             replaced = self._waiting_checkpoint
@@ -576,6 +580,7 @@ class BackupUploader:
                     self._waiting_final = None
                 elif job is not None:
                     self._waiting_checkpoint = None
+                    self._uploading = job
                 self._busy = True
             try:
                 if not self._tidied:
@@ -587,7 +592,7 @@ class BackupUploader:
                 self._failing = False
                 delay = _RETRY_FIRST
                 with self._condition:
-                    self._busy = False
+                    self._busy, self._uploading = False, None
                     self._condition.notify_all()
             except Exception as error:  # any failure of DEST: warn, keep the job unless a newer one came, retry
                 reason = cause(error)
@@ -597,6 +602,7 @@ class BackupUploader:
                     self.say(f"⚠️  backup to {self.text} failed ({reason}); training continues, retrying in the background")
                 self._failing = True
                 with self._condition:
+                    self._uploading = None
                     if job is not None:
                         if is_final and self._waiting_final is None:
                             self._waiting_final = job
@@ -609,6 +615,8 @@ class BackupUploader:
             self._write_status()
 
     def _upload_checkpoint(self, staged: Path) -> None:
+        if not staged.is_dir():
+            return  # replaced by a newer checkpoint after it was taken: nothing of it to upload
         manifest_bytes = (staged / state.MANIFEST_NAME).read_bytes()
         manifest = json.loads(manifest_bytes)
         began, size = time.monotonic(), 0
