@@ -95,6 +95,9 @@ class TrainingConfig:
     ddp_timeout: int = flag(1800, "seconds a process waits for the others in a collective before it gives up on a dead or hung machine")
     report_to: str = flag("none", "none, all (the installed ones) or a comma list of tensorboard (OUTPUT_DIR/runs), wandb, mlflow")
     run_name: str = flag(None, "the run's name in W&B and MLflow (default: the output directory's name)")
+    backup_to: str = flag(None, "also keep checkpoints and the final model in a directory or s3://bucket/prefix; restored from there by the same command")
+    backup_total_limit: int = flag(None, "checkpoints kept in --backup_to (default: --save_total_limit)")
+    backup_timeout: float = flag(600.0, "seconds the end of training (or a stop) waits for --backup_to to hold the newest state")
     exit_code_file: str = flag(None, "write the exit code here (launch.sh: accelerate launch reports every failure as 1)")
 
     def validate(self) -> None:
@@ -117,6 +120,8 @@ class TrainingConfig:
             raise UsageError(f"--dataloader_num_workers must not be negative (got {self.dataloader_num_workers})")
         if self.max_time is not None:
             parse_duration(self.max_time)
+        if self.backup_to is not None:
+            self._validate_backup()
         self.validate_gpu_switches()
         from transformers.trainer_utils import SchedulerType
 
@@ -176,6 +181,16 @@ class TrainingConfig:
         if self.resume_from_checkpoint not in ("auto", "none") and not Path(self.resume_from_checkpoint).is_dir():
             raise UsageError(f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such checkpoint directory")
 
+    def _validate_backup(self) -> None:
+        from backup import url_problem
+
+        if problem := url_problem(self.backup_to):
+            raise UsageError(problem)
+        if self.backup_total_limit is not None and self.backup_total_limit < 1:
+            raise UsageError(f"--backup_total_limit must be at least 1 (got {self.backup_total_limit})")
+        if self.backup_timeout < 0:
+            raise UsageError(f"--backup_timeout must not be negative (got {self.backup_timeout})")
+
     def _validate_streaming(self) -> None:
         from streaming import expand_train_files
 
@@ -232,7 +247,7 @@ class TrainingConfig:
 
     def result_defining_args(self) -> dict:
         """The flags as recorded in a checkpoint: all but those that only steer this one start."""
-        transient = ("exit_code_file", "resume_from_checkpoint", "allow_config_change", "output_dir", "ddp_timeout", "async_save")
+        transient = ("exit_code_file", "resume_from_checkpoint", "allow_config_change", "output_dir", "ddp_timeout", "async_save", "backup_to", "backup_total_limit", "backup_timeout")
         return {name: value for name, value in dataclasses.asdict(self).items() if name not in transient}
 
     @property

@@ -13,8 +13,9 @@ import dataclasses
 import time
 from pathlib import Path
 
+import backup
 import state
-from config import EXIT_DONE, EXIT_USAGE, TrainingConfig, UsageError
+from config import EXIT_DONE, EXIT_FAILED, EXIT_USAGE, TrainingConfig, UsageError
 from state import TrainingState
 
 
@@ -36,6 +37,8 @@ class StartDecision:
 def _decide_on_main_process(config: TrainingConfig, lock: state.OutputDirLock) -> StartDecision:
     """Main process only: take the lock, tidy up, choose the checkpoint to resume from."""
     output_dir = Path(config.output_dir)
+    if config.backup_to and (problem := backup.startup_problem(config.backup_to)):  # before anything is written
+        return StartDecision(error=problem, exit_code=EXIT_USAGE)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
@@ -47,6 +50,15 @@ def _decide_on_main_process(config: TrainingConfig, lock: state.OutputDirLock) -
     for leftover in state.clean_leftovers(output_dir):
         interrupted = "deletion" if leftover.name.startswith(state.DELETING_PREFIX) else "save"
         decision.notes.append(f"🧹 Removed {leftover.name}, left by a {interrupted} that was interrupted")
+    if config.backup_to and config.resume_from_checkpoint == "auto":  # a fresh machine, or DEST ahead of OUTPUT_DIR
+        try:
+            decision.notes += backup.restore_newer(config.backup_to, output_dir)
+        except backup.BackupUnavailable as away:
+            return StartDecision(error=f"could not restore from --backup_to {config.backup_to} ({away}); run the same command again", exit_code=EXIT_FAILED)
+    if config.backup_to and config.resume_from_checkpoint != "auto":  # DEST must not hold a later state than the one chosen
+        start_step = None if config.resume_from_checkpoint == "none" else state.checkpoint_step(Path(config.resume_from_checkpoint))
+        if problem := backup.newer_than_the_start(config.backup_to, start_step):
+            return StartDecision(error=problem, exit_code=EXIT_USAGE)
     live = state.read_live_state(output_dir) or {}
     decision.run_history = live.get("run_history", [])
 

@@ -36,6 +36,7 @@ class CheckpointSaver:
         self.deadline, self.log = deadline, log
         self.saved_step = saved_step  # the step whose state is on disk already (or being written), if any
         self.background = None
+        self.backup = None  # --backup_to: the main process's backup.BackupUploader, set by train_loop
         self.memory_checked = False
         if config.async_save:
             import background_save  # imports torch: not before main() starts the --max_time clock
@@ -95,6 +96,8 @@ class CheckpointSaver:
         """A checkpoint is complete and visible: rotate (main process) and report."""
         self.deadline.save_seconds = write_seconds
         if self.accelerator.is_main_process:
+            if self.backup is not None:
+                self.backup.checkpoint_ready(path)  # staged for --backup_to before rotation may delete it
             output_dir = Path(self.config.output_dir)
             best = (output_dir / self.log.progress.best_model_checkpoint,) if self.log.progress.best_model_checkpoint else ()
             deleted = state.rotate_checkpoints(output_dir, self.config.save_total_limit, protect=best, in_background=True)

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import backup
 import data
 import identity
 import state
@@ -66,7 +67,7 @@ def describe(output_dir: Path) -> dict:
         "updated_at": live.get("updated_at"), "stop_reason": live.get("stop_reason"),
         "run_history": live.get("run_history", []), "checkpoints": checkpoints,
         "data": describe_data(output_dir / newest_valid) if newest_valid else [],
-        "disk_free_bytes": disk.free,
+        "disk_free_bytes": disk.free, "backup": backup.read_status(output_dir),
         "corrupt": sorted(p.name for p in output_dir.glob("checkpoint-*.corrupt*")) if output_dir.is_dir() else [],
     }  # fmt: skip
 
@@ -131,6 +132,8 @@ def print_report(report: dict) -> None:
             "unreadable": "❌ cannot be read (permissions? replaced by a directory?); a resume will stop with the reason",
             "hub": "from the hub (not checked)",
         }[entry["state"]])  # fmt: skip
+    for line in backup.describe_status(Path(report["output_dir"])):  # --backup_to: newest there, how far behind, last error
+        print(line)
     print(f"   💽 {state.human_bytes(report['disk_free_bytes'])} free")
 
 

@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import backup
 import lora
 import resume
 import state
@@ -106,6 +107,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     trackers = Trackers(accelerator, config, progress, decision.checkpoint_state)  # the same W&B / MLflow run on every resume
     log = TrainingLog(accelerator, progress, log_history, run_history, Path(config.output_dir), trackers)
     saver = CheckpointSaver(accelerator, model, config, run_args, deadline, log, saved_step=progress.global_step if decision.checkpoint else None)
+    saver.backup = backup.start_uploader(accelerator, config, progress)  # --backup_to: copies each checkpoint in the background
 
     # ---- the loop
     model.train()  # from_pretrained returns a model in eval mode: dropout would be off
@@ -151,7 +153,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     write_final_model(accelerator, model, tokenizer, config, progress, log)
     accelerator.wait_for_everyone()
     finish_trackers(accelerator)  # the process group is left later, in run_cli, once the model is gone
-    return EXIT_DONE
+    return backup.finish(saver.backup, config, progress.global_step, EXIT_DONE, EXIT_FAILED)  # 0 only once --backup_to holds the final model
 
 
 def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm, seeds):
@@ -187,6 +189,7 @@ def stop_early(accelerator, stopping: StopCheck, saver: CheckpointSaver, log: Tr
     log.write_live_state(stop_reason=stopping.reason)
     accelerator.print("▶️  To continue, run the same command again.")
     finish_trackers(accelerator)  # the process group is left later, in run_cli, once the model is gone
+    backup.wait_at_stop(saver.backup, saver.config)  # the stop's checkpoint to --backup_to (a requeued job may land elsewhere)
     return EXIT_STOPPED_EARLY
 
 

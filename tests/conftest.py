@@ -38,7 +38,7 @@ QUICK = [
 # Tests that compare times they measure, pin processes to cores or share the SLURM cluster: ./tests/run.sh
 # runs the others on every core at once (pytest-xdist), then these alone (marker `serial`). A file or file::test.
 SERIAL = [
-    "test_multinode.py", "test_slurm.py", "test_interruptions.py::test_max_time_stops_in_time_with_a_checkpoint",
+    "test_multinode.py", "test_slurm.py", "test_backup.py::test_slurm_job_on_scratch_requeued_with_an_empty_output_dir_continues_from_backup", "test_interruptions.py::test_max_time_stops_in_time_with_a_checkpoint",
     "test_bench.py::test_restart_preprocessing_benchmark_runs_and_the_restart_reads_the_cache",
     "test_bench.py::test_side_by_side_benchmark_pairs_train_loop_with_each_other_loop",
     "test_bench.py::test_content_hash_benchmark_times_the_hash_and_a_cache_hit_costs_less",

@@ -13,6 +13,7 @@ Production code has no test switches; this wrapper patches it from the outside:
   HARNESS_RECORD_SEEDS=FILE   append "step<TAB>sha256=seed of each micro-batch" per optimizer step
   HARNESS_RECORD_READS=FILE   append "scan" when the labels are found by reading the data, and
                               "read<TAB>file<TAB>position" each time --streaming starts reading a file
+  HARNESS_KILL_IN_UPLOAD=STEP --backup_to: SIGKILL this process after checkpoint-STEP's files are uploaded, before its manifest
 """
 
 import hashlib
@@ -86,6 +87,19 @@ if host_memory:
     import background_save  # noqa: E402
 
     background_save.available_host_memory = lambda: int(host_memory)
+
+upload_kill_step = os.environ.get("HARNESS_KILL_IN_UPLOAD")
+if upload_kill_step:
+    import backup  # noqa: E402
+
+    original_put_bytes = backup.Destination.put_bytes
+
+    def put_bytes_or_die(self, key, data):
+        if key == f"{state.CHECKPOINT_PREFIX}{upload_kill_step}/{state.MANIFEST_NAME}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_put_bytes(self, key, data)
+
+    backup.Destination.put_bytes = put_bytes_or_die
 
 record_file = os.environ.get("HARNESS_RECORD_BATCHES")
 seeds_file = os.environ.get("HARNESS_RECORD_SEEDS")
