@@ -25,6 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import backup
 import state
 from errors import EXIT_DONE, EXIT_FAILED, EXIT_USAGE
 
@@ -94,9 +95,10 @@ def clean(output_dir: Path, force: bool, backup_to: str | None) -> int:
     names = [path.name for path in doomed]
     print(f"🧹 {output_dir}: " + (f"deleting {len(doomed)} checkpoint(s): {', '.join(names)}" if doomed else "no checkpoints to delete"))
     if backup_to and doomed:
-        # MERGE (issue 24, backup.py): replace the next line with
-        #     print(backup_line(backup_to, names, backup.committed_checkpoints(backup_to)))
-        print(f"ℹ️  --backup_to {backup_to}: this version cannot check which checkpoints it holds (backup support is not installed)")
+        try:
+            print(backup_line(backup_to, names, backup.committed_checkpoints(backup_to)))
+        except backup.BackupUnavailable as away:
+            print(f"⚠️  --backup_to {backup_to} could not be read ({away}): whether it holds the checkpoints deleted here is unknown")
     if not complete:
         print("⚠️  --force: training was not complete; without a checkpoint, the training command will start again from step 0")
 

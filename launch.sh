@@ -4,7 +4,7 @@
 #   ./launch.sh [--retries N] [training flags]     train (the built-in demo with no flags)
 #   NUM_PROCESSES=2 ./launch.sh [flags]            N processes (GPUs, or CPU ranks over gloo)
 #   ./launch.sh status [--output_dir DIR] [--json] [--plot]
-#   ./launch.sh clean [--output_dir DIR] [--force]     at the end: keep the final model, delete the checkpoints
+#   ./launch.sh clean [--output_dir DIR] [--force] [--backup_to DEST]   at the end: keep the final model, delete the checkpoints
 #   ./launch.sh setup                              only create .venv/
 #   ./launch.sh setup-tests                        also install tests/requirements.txt (tests/run.sh does)
 #

@@ -50,7 +50,8 @@ def _decide_on_main_process(config: TrainingConfig, lock: state.OutputDirLock) -
     for leftover in state.clean_leftovers(output_dir):
         interrupted = "deletion" if leftover.name.startswith(state.DELETING_PREFIX) else "save"
         decision.notes.append(f"🧹 Removed {leftover.name}, left by a {interrupted} that was interrupted")
-    if config.backup_to and config.resume_from_checkpoint == "auto":  # a fresh machine, or DEST ahead of OUTPUT_DIR
+    cleaned_here = (state.read_live_state(output_dir) or {}).get("training_complete") and any(output_dir.glob("*.safetensors"))
+    if config.backup_to and config.resume_from_checkpoint == "auto" and not cleaned_here:  # a fresh machine, or DEST ahead of OUTPUT_DIR; not a finished run whose checkpoints `clean` removed
         try:
             decision.notes += backup.restore_newer(config.backup_to, output_dir)
         except backup.BackupUnavailable as away:

@@ -190,7 +190,7 @@ def test_damaged_newest_checkpoint_in_dest_is_named_and_passed_over(tmp_path, se
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
 
 
-def test_directory_dest_retention_and_nothing_outside_the_prefix(tmp_path, session_env, corpus, reference_runs):
+def test_directory_dest_retention_nothing_outside_the_prefix_and_clean(tmp_path, session_env, corpus, reference_runs):
     flags = tiny_flags(corpus, **FLAGS)
     parent = tmp_path / "backups"
     neighbour = parent / "other-run" / "checkpoint-5"
@@ -216,6 +216,14 @@ def test_directory_dest_retention_and_nothing_outside_the_prefix(tmp_path, sessi
     fresh = train(session_env, tmp_path / "run", flags + ["--backup_to", str(dest), "--resume_from_checkpoint", "none"])
     assert fresh.returncode == 2 and f"error: --backup_to {dest} holds checkpoint-30, checkpoint-40 of an earlier run" in fresh.stderr, fresh.stderr[-2000:]
     assert (tmp_path / "run" / "checkpoint-40").is_dir()  # refused before anything moved
+
+    # The guide's last step: clean says which of the checkpoints it deletes DEST holds (it keeps 2, OUTPUT_DIR 3); the same command then neither trains nor restores.
+    final = file_digest(tmp_path / "run" / "model.safetensors")
+    cleaned = subprocess.run([sys.executable, "cleaning.py", "--output_dir", str(tmp_path / "run"), "--backup_to", str(dest)], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert cleaned.returncode == 0 and f"⚠️  {dest} holds checkpoint-30, checkpoint-40, not checkpoint-20: those exist only here" in cleaned.stdout, cleaned.stdout + cleaned.stderr
+    again = train(session_env, tmp_path / "run", flags + ["--backup_to", str(dest)])
+    assert again.returncode == 0 and "already complete" in again.stdout and "restored" not in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    assert not list((tmp_path / "run").glob("checkpoint-*")) and file_digest(tmp_path / "run" / "model.safetensors") == final
 
 
 def test_server_away_mid_run_warns_retries_and_catches_up(tmp_path, session_env, corpus, reference_runs, s3):
