@@ -26,6 +26,12 @@ def test_kill_9_at_arbitrary_moments_ends_byte_identical(tmp_path, session_env, 
         resumed_from.append(int(match.group(2) or 0))
         if kill_after_step > resumed_from[-1]:
             run.wait_for(rf"step {kill_after_step}/120")
+            # A background save commits some time after its step; on a busy machine, after the step line we
+            # kill at. Without this, the next start may find nothing to resume from, which proves nothing.
+            committed = output_dir / f"checkpoint-{kill_after_step // 10 * 10}" / "manifest.json"
+            deadline = time.monotonic() + 120
+            while not committed.is_file() and time.monotonic() < deadline:
+                time.sleep(0.05)
         run.signal_group()
         assert run.finish() == -9
     final = train(session_env, output_dir, flags + save_mode)
