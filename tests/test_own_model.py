@@ -14,10 +14,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="session")
 def local_causal_lm(tmp_path_factory):
     """A tiny GPT-2 and a byte tokenizer saved with save_pretrained, as a user's own model directory."""
+    import torch
     from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
 
     directory = tmp_path_factory.mktemp("my-gpt2")
     config = GPT2Config(vocab_size=384, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)  # the same weights whichever tests ran before in this process
     GPT2LMHeadModel(config).save_pretrained(directory)
     ByT5Tokenizer().save_pretrained(directory)
     return directory
@@ -29,12 +31,14 @@ WORDS = "the quick brown fox jumps over a lazy dog while training resumes at exa
 @pytest.fixture(scope="session")
 def local_bert_and_csv(tmp_path_factory):
     """A tiny BERT with a word-piece vocabulary, and CSV files whose string labels depend on the text."""
+    import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     directory = tmp_path_factory.mktemp("my-bert")
     vocabulary = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
     BertTokenizerFast(vocab=vocabulary).save_pretrained(directory)
     config = BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)  # the same weights whichever tests ran before in this process (pytest-xdist orders them otherwise)
     BertModel(config).save_pretrained(directory)
 
     rng = random.Random(1)
