@@ -80,7 +80,7 @@ class TrainingConfig:
     lora_dropout: float = flag(0.05, "dropout on the LoRA branch")
     lora_target_modules: str = flag(None, "comma-separated module names, or all-linear; default: peft's choice for the model type")
     merge_lora: bool = flag(False, "also write the base model with the adapter merged in, to OUTPUT_DIR/merged")
-    full_determinism: bool = flag(False, "deterministic GPU kernels (slower; see README): torch.use_deterministic_algorithms, cuDNN, cuBLAS. No change on CPU")
+    full_determinism: bool = flag(False, "deterministic GPU kernels (slower; see README): torch.use_deterministic_algorithms, cuDNN, cuBLAS. No change on CPU without --torch_compile (which turns them on there)")
     # checkpoints and logs
     save_steps: int = flag(1000, "save a checkpoint every N optimizer steps")
     save_total_limit: int = flag(3, "keep the newest N checkpoints")
