@@ -71,7 +71,7 @@ import state
 URL_SCHEMES = ("s3", "gs", "az", "abfs", "abfss")  # gs/az: the same library, untested
 FINAL_MODEL = "final-model"
 STAGING = ".backup-staging"
-STATUS_NAME = "backup_status.json"
+STATUS_NAME = state.BACKUP_STATUS_NAME
 _SECRET_QUERY = re.compile(r"(secret|signature|token|password|credential|key)", re.IGNORECASE)
 _RETRY_FIRST, _RETRY_MAX = 2.0, 60.0
 
@@ -474,18 +474,14 @@ def _link_tree(files: list[tuple[Path, str]], target: Path) -> None:
 
 
 def final_model_files(output_dir: Path) -> list[tuple[Path, str]]:
-    """What OUTPUT_DIR holds at the end besides checkpoints: the final model, tokenizer, trainer_state.json,
-    merged/ (--merge_lora) and runs/ (TensorBoard). Hidden files (the lock, staging) and our own status are not."""
+    """(file, name relative to OUTPUT_DIR) of every file of state.final_model_paths, hidden ones left out."""
     output_dir = Path(output_dir)
     found = []
-    for path in sorted(output_dir.rglob("*")):
-        relative = path.relative_to(output_dir)
-        top = relative.parts[0]
-        if not path.is_file() or top.startswith(".") or top == STATUS_NAME or top.startswith(state.CHECKPOINT_PREFIX):
-            continue
-        if top.startswith(("previous-run-", "superseded-")) or any(part.startswith(".") for part in relative.parts):
-            continue
-        found.append((path, str(relative)))
+    for top in state.final_model_paths(output_dir):
+        for path in [top] if top.is_file() else sorted(top.rglob("*")):
+            relative = path.relative_to(output_dir)
+            if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+                found.append((path, str(relative)))
     return found
 
 

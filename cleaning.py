@@ -29,29 +29,9 @@ import backup
 import state
 from errors import EXIT_DONE, EXIT_FAILED, EXIT_USAGE
 
-ARCHIVE_PREFIXES = ("previous-run-", "superseded-")  # state.archive_checkpoints' folders
-
-
 def checkpoints_to_delete(output_dir: Path) -> list[Path]:
     """Every `checkpoint-N` directory, oldest first (a kill part-way leaves the newest ones)."""
     return state.list_checkpoints(output_dir)
-
-
-def kept_aside(output_dir: Path) -> list[Path]:
-    """Damaged and archived checkpoints: never deleted by clean, only named."""
-    return sorted(
-        path for path in output_dir.iterdir()
-        if path.is_dir() and (path.name.endswith(state.CORRUPT_SUFFIX) or path.name.startswith(ARCHIVE_PREFIXES))
-    )  # fmt: skip
-
-
-def final_model_files(output_dir: Path) -> list[Path]:
-    """What the end of training wrote beside the checkpoints (state.save_final_model): the model and its companions."""
-    aside = set(kept_aside(output_dir))
-    return sorted(
-        path for path in output_dir.iterdir()
-        if not path.name.startswith(".") and state.checkpoint_step(path) is None and path not in aside
-    )  # fmt: skip
 
 
 def has_final_model(output_dir: Path) -> bool:
@@ -108,10 +88,10 @@ def clean(output_dir: Path, force: bool, backup_to: str | None) -> int:
 
     if doomed or leftovers:
         print(f"✅ Freed {state.human_bytes(freed)}")
-    kept = final_model_files(output_dir)
+    kept = state.final_model_paths(output_dir)
     if complete:
         print(f"📦 Kept the final model in {output_dir} ({state.human_bytes(size_of(kept))}): {', '.join(path.name for path in kept)}")
-    aside = kept_aside(output_dir)
+    aside = state.set_aside(output_dir)
     if aside:
         listing = ", ".join(f"{path.name} ({state.human_bytes(state.directory_size(path))})" for path in aside)
         print(f"ℹ️  Also kept, set aside by earlier runs (damaged or archived checkpoints): {listing}; delete them by hand if you do not need them")

@@ -361,6 +361,30 @@ def directory_size(path: Path) -> int:
     return sum(file.stat().st_size for file in Path(path).rglob("*") if file.is_file())
 
 
+ARCHIVE_PREFIXES = ("previous-run-", "superseded-")  # archive_checkpoints' folders
+BACKUP_STATUS_NAME = "backup_status.json"  # --backup_to's progress (backup.py): about the run, not part of its result
+
+
+def set_aside(output_dir: Path) -> list[Path]:
+    """Damaged (`checkpoint-N.corrupt*`) and archived (`previous-run-*`, `superseded-*`) checkpoints."""
+    return sorted(
+        path for path in Path(output_dir).iterdir()
+        if path.is_dir() and (CORRUPT_SUFFIX in path.name or path.name.startswith(ARCHIVE_PREFIXES))
+    )  # fmt: skip
+
+
+def final_model_paths(output_dir: Path) -> list[Path]:
+    """What the end of training leaves in OUTPUT_DIR beside the checkpoints, as top-level entries: the
+    weights, config, tokenizer files, trainer_state.json, merged/ (--merge_lora), runs/ (TensorBoard).
+    Not hidden files (the lock, temporary and staging directories), checkpoints, damaged or archived
+    ones, nor backup_status.json. `./launch.sh clean` keeps exactly these; --backup_to uploads them."""
+    aside = set(set_aside(output_dir))
+    return sorted(
+        path for path in Path(output_dir).iterdir()
+        if not path.name.startswith(".") and checkpoint_step(path) is None and path not in aside and path.name != BACKUP_STATUS_NAME
+    )  # fmt: skip
+
+
 def _expected_checkpoint_bytes(output_dir: Path, model) -> int:
     """The size of the previous checkpoint, or the trained parameters + two Adam moments if there is none."""
     previous = list_checkpoints(output_dir)
