@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/backup_speed.py transfer [--size_mb 1200] [--repeats 3]
     .venv/bin/python bench/backup_speed.py steps [--max_steps 200] [--repeats 2]
+    .venv/bin/python bench/backup_speed.py restore [--model 512x8] [--repeats 3]
 
 transfer: a checkpoint of a 100M-parameter model's size (weights 1/3, AdamW moments 2/3, plus the
 small files; random bytes, manifest by state.write_manifest) to a `rclone serve s3` on 127.0.0.1
@@ -16,6 +17,12 @@ for the restore). The resume that follows a restore is the same as any local res
 
 steps: train_loop.py with the built-in model, --save_steps 20, with and without --backup_to a
 directory, alternating; steps/s from the run's own wall time over the whole run.
+
+restore: the fresh-machine restore as a user meets it, from launch to the first trained step. A run of
+a GPT-2-style model (n_embd x layers) with --backup_to s3://... is killed once DEST holds its second
+checkpoint. Then, each round, alternating: `./launch.sh` (the same command) into an empty OUTPUT_DIR,
+until it prints the first step after the checkpoint, against obstore.get of that checkpoint's files
+into an empty directory followed by `./launch.sh` without --backup_to resuming from them there.
 """
 
 import argparse
@@ -134,6 +141,7 @@ def transfer(args) -> None:
                 job()
         median = {key: statistics.median(values) for key, values in rows.items()}
         mb = size / 1e6
+        print("| | ours | plain obstore | ratio |\n|---|---|---|---|")
         print(f"| upload {mb:.0f} MB | --backup_to {mb / median['ours_up']:.0f} MB/s ({median['ours_up']:.2f} s) | obstore.put {mb / median['plain_up']:.0f} MB/s ({median['plain_up']:.2f} s) | {median['plain_up'] / median['ours_up']:.2f}x throughput |")
         print(f"| restore {mb:.0f} MB | restore_newer {median['ours_restore']:.2f} s | obstore.get {median['plain_down']:.2f} s | {median['ours_restore'] / median['plain_down']:.2f}x time |")
         print(f"rounds: {rows}")
@@ -160,21 +168,123 @@ def steps(args) -> None:
                                env=env, check=True, capture_output=True, cwd=HERE)  # fmt: skip
                 times[kind].append(time.monotonic() - began)
         with_, without = statistics.median(times["with"]), statistics.median(times["without"])
+        print("| run | with --backup_to | without | ratio |\n|---|---|---|---|")
         print(f"| {args.max_steps} steps, save every 20 | with --backup_to {args.max_steps / with_:.2f} steps/s | without {args.max_steps / without:.2f} steps/s | {without / with_:.3f}x |")
         print(f"runs (s): {times}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant: launch.sh starts its training in a session of its own."""
+    found, frontier = [pid], [pid]
+    while frontier:
+        children = subprocess.run(["pgrep", "-P", ",".join(map(str, frontier))], capture_output=True, text=True).stdout.split()
+        frontier = [int(child) for child in children]
+        found += frontier
+    for each in found:
+        try:
+            os.kill(each, 9)
+        except ProcessLookupError:
+            pass
+
+
+def restore(args) -> None:
+    import obstore
+
+    work = Path(tempfile.mkdtemp(prefix="backup-bench-restore-", dir=args.dir))
+    server = start_server(work / "s3")
+    try:
+        width, layers = map(int, args.model.split("x"))
+        config = work / "model.json"
+        config.write_text(f'{{"model_type": "gpt2", "vocab_size": 384, "n_positions": 512, "n_embd": {width}, "n_layer": {layers}, "n_head": 8, "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}}')
+        corpus = work / "corpus.txt"
+        corpus.write_text("\n".join(f"line {i} of the benchmark corpus, the quick brown fox" for i in range(20000)))
+        save_steps = 5
+        checkpoint = f"checkpoint-{2 * save_steps}"
+        first_step = f"step {2 * save_steps + 1}/"
+        url = "s3://bucket/restore"
+        flags = ["--config_name", str(config), "--train_file", str(corpus), "--max_steps", "1000", "--save_steps", str(save_steps),
+                 "--logging_steps", "1", "--block_size", "128", "--per_device_train_batch_size", "8"]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(work / "hf")}
+
+        def launch_until(output_dir: Path, extra: list, pattern: str) -> tuple[float, list[str]]:
+            """./launch.sh as a user starts it; seconds until a line holds `pattern`, and the lines; then the run is killed."""
+            began = time.monotonic()
+            process = subprocess.Popen([str(HERE / "launch.sh"), "--output_dir", str(output_dir), *flags, *extra], env=env, cwd=HERE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+            lines = []
+            for line in process.stdout:
+                lines.append(line.rstrip("\n"))
+                if pattern in line:
+                    break
+            seconds = time.monotonic() - began
+            kill_tree(process.pid)
+            process.wait()
+            assert pattern in lines[-1], "\n".join(lines[-30:])
+            return seconds, lines
+
+        # The run that dies once DEST holds its second checkpoint (the machine is then gone).
+        committed = work / "s3" / "bucket" / "restore" / checkpoint / state.MANIFEST_NAME
+        process = subprocess.Popen([str(HERE / "launch.sh"), "--output_dir", str(work / "first"), *flags, "--backup_to", url], env=env, cwd=HERE,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        while not committed.exists():
+            assert process.poll() is None, "the first run ended before DEST held " + checkpoint
+            time.sleep(0.2)
+        kill_tree(process.pid)
+        process.wait()
+        store = backup.Destination(url).store
+        objects = backup.Destination(url).listing(checkpoint + "/")  # key -> size
+        names, size = [key.split("/", 1)[1] for key in objects], sum(objects.values())
+        rows = {"ours": [], "plain": []}
+        shown = []
+        for round_index in range(args.repeats):
+
+            def ours():
+                seconds, lines = launch_until(work / f"ours{round_index}", ["--backup_to", url], first_step)
+                rows["ours"].append(seconds)
+                shown[:] = lines
+
+            def plain():
+                target = work / f"plain{round_index}"
+                began = time.monotonic()
+                for name in names:
+                    path = target / checkpoint / name
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with open(path, "wb") as handle:
+                        for chunk in obstore.get(store, f"{checkpoint}/{name}").stream(min_chunk_size=8 << 20):
+                            handle.write(chunk)
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                downloaded = time.monotonic() - began
+                seconds, _ = launch_until(target, [], first_step)
+                rows["plain"].append(downloaded + seconds)
+
+            for job in (ours, plain) if round_index % 2 == 0 else (plain, ours):
+                job()
+        ours_median, plain_median = statistics.median(rows["ours"]), statistics.median(rows["plain"])
+        print("| | ours | plain | ratio |\n|---|---|---|---|")
+        print(f"| restore {args.model} ({size / 1e6:.0f} MB), launch to the first trained step | --backup_to {ours_median:.1f} s | "
+              f"obstore.get + local resume {plain_median:.1f} s | {ours_median / plain_median:.2f}x time |")  # fmt: skip
+        print(f"rounds (s): {rows}")
+        print("what the restoring run printed (last round of ours):")
+        print("\n".join(shown))
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("transfer", "steps"))
+    parser.add_argument("what", choices=("transfer", "steps", "restore"))
+    parser.add_argument("--model", default="512x8", help="restore: the model's n_embd x layers")
     parser.add_argument("--size_mb", type=int, default=1200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max_steps", type=int, default=200)
     parser.add_argument("--dir", default=None, help="where the temporary files go (default: the system's temp directory)")
     args = parser.parse_args()
-    transfer(args) if args.what == "transfer" else steps(args)
+    {"transfer": transfer, "steps": steps, "restore": restore}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ Production code has no test switches; this wrapper patches it from the outside:
   HARNESS_RECORD_READS=FILE   append "scan" when the labels are found by reading the data, and
                               "read<TAB>file<TAB>position" each time --streaming starts reading a file
   HARNESS_KILL_IN_UPLOAD=STEP --backup_to: SIGKILL this process after checkpoint-STEP's files are uploaded, before its manifest
+  HARNESS_PAUSE_AFTER=STEP    the training sleeps (10 min) once checkpoint-STEP is saved and reported (with
+                              --backup_to, its upload goes on); a test can then act at that point, however fast the training is
 """
 
 import hashlib
@@ -100,6 +102,19 @@ if upload_kill_step:
         return original_put_bytes(self, key, data)
 
     backup.Destination.put_bytes = put_bytes_or_die
+
+pause_step = os.environ.get("HARNESS_PAUSE_AFTER")
+if pause_step:
+    import saving  # noqa: E402
+
+    original_saved = saving.CheckpointSaver.saved
+
+    def saved_then_pause(self, path, *args):
+        original_saved(self, path, *args)  # handed to the upload, rotated, reported
+        if Path(path).name == f"{state.CHECKPOINT_PREFIX}{pause_step}":
+            time.sleep(600)
+
+    saving.CheckpointSaver.saved = saved_then_pause
 
 record_file = os.environ.get("HARNESS_RECORD_BATCHES")
 seeds_file = os.environ.get("HARNESS_RECORD_SEEDS")

@@ -89,6 +89,15 @@ def wait_until(condition, timeout=120, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def kill_once_dest_holds(env, output_dir, flags, dest: Path, name: str) -> None:
+    """Train, and SIGKILL the run (every process of it) once DEST holds `name` committed (it waits there)."""
+    run = Training(env, output_dir, flags, harness_env={"HARNESS_PAUSE_AFTER": name.split("-")[1]})
+    run.wait_for(rf"Saved {name}\b")
+    wait_until(lambda: name in committed(dest), what=f"{name} in DEST")
+    run.signal_group(signal.SIGKILL)
+    run.finish()
+
+
 def assert_no_secret(secret: str, *places) -> None:
     """The secret key appears in no file under these directories and in no captured output."""
     for place in places:
@@ -151,6 +160,66 @@ def test_killed_during_an_upload_then_fresh_machine(tmp_path, session_env, corpu
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
     assert committed(dest) == ["checkpoint-20", "checkpoint-30", "checkpoint-40"]
     assert sorted(p.name for p in dest.iterdir()) == ["checkpoint-20", "checkpoint-30", "checkpoint-40", "final-model"]
+
+
+def test_killed_during_an_upload_the_same_output_dir_finishes_it(tmp_path, session_env, corpus, reference_runs):
+    reference = reference_runs(tiny_flags(corpus, **FLAGS))
+    dest = tmp_path / "backups" / "run"
+    flags = tiny_flags(corpus, **FLAGS) + ["--backup_to", str(dest)]
+    output_dir = tmp_path / "run"
+    killed = train(session_env, output_dir, flags, harness_env={"HARNESS_KILL_IN_UPLOAD": "20"})
+    assert killed.returncode == -signal.SIGKILL
+    assert (dest / "checkpoint-20" / "model.safetensors").is_file() and not (dest / "checkpoint-20" / "manifest.json").exists()
+
+    final = train(session_env, output_dir, flags)  # the same machine, the same OUTPUT_DIR
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    assert "Resumed from checkpoint (step 20," in final.stdout and "restored" not in final.stdout
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+    assert sorted(p.name for p in dest.iterdir()) == ["checkpoint-20", "checkpoint-30", "checkpoint-40", "final-model"]
+    for name in ("checkpoint-20", "checkpoint-30", "checkpoint-40"):  # the half-uploaded one was finished, byte for byte
+        for file in json.loads((dest / name / "manifest.json").read_text())["files"]:
+            assert file_digest(dest / name / file) == file_digest(output_dir / name / file), f"{name}/{file}"
+
+
+def test_dest_newer_than_a_non_empty_output_dir_is_restored(tmp_path, session_env, corpus, reference_runs):
+    reference = reference_runs(tiny_flags(corpus, **FLAGS))
+    dest = tmp_path / "backups" / "run"
+    flags = tiny_flags(corpus, **FLAGS) + ["--backup_to", str(dest)]
+    output_dir = tmp_path / "run"
+    kill_once_dest_holds(session_env, output_dir, flags, dest, "checkpoint-30")
+    # This OUTPUT_DIR is behind DEST (e.g. another machine's older copy): it holds only checkpoint-10.
+    for name in ("checkpoint-20", "checkpoint-30"):
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+    assert [p.name for p in output_dir.glob("checkpoint-*")] == ["checkpoint-10"]
+
+    final = train(session_env, output_dir, flags)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    assert f"☁️  restored checkpoint-30 from {dest} (" in final.stdout
+    assert "✅ Resumed from checkpoint (step 30," in final.stdout
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+
+
+def test_the_best_checkpoint_is_kept_in_dest_and_restored_with_the_newest(tmp_path, session_env, corpus, reference_runs):
+    # --greater_is_better with eval_loss makes the best checkpoint the earliest one (the loss falls), so
+    # keeping it beside the newest is visible with --backup_total_limit 1.
+    flags = tiny_flags(corpus, **FLAGS, eval_steps=10, validation_split_percentage=10, load_best_model_at_end=True, greater_is_better="true")
+    reference = reference_runs(flags)
+    assert json.loads((reference / "trainer_state.json").read_text())["best_model_checkpoint"] == "checkpoint-10"
+    dest = tmp_path / "backups" / "run"
+    flags += ["--backup_to", str(dest), "--backup_total_limit", "1"]
+    output_dir = tmp_path / "run"
+    kill_once_dest_holds(session_env, output_dir, flags, dest, "checkpoint-30")
+    assert "checkpoint-10" in committed(dest)  # with a limit of 1 it would be gone by now, were it not the best
+    shutil.rmtree(output_dir)  # the machine is gone
+
+    final = train(session_env, output_dir, flags)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    assert f"☁️  restored checkpoint-30 from {dest} (" in final.stdout
+    assert f"☁️  restored checkpoint-10 (the best model) from {dest} (" in final.stdout
+    assert "🏆 The final model is the best one: checkpoint-10" in final.stdout
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+    assert committed(dest) == ["checkpoint-10", "checkpoint-40"]
+    assert file_digest(dest / "final-model" / "model.safetensors") == file_digest(reference / "model.safetensors")
 
 
 def test_refused_at_start_in_one_line_nothing_written(tmp_path, session_env, corpus, s3):
@@ -295,17 +364,16 @@ def test_two_processes_the_main_one_uploads(tmp_path, session_env, corpus, s3):
 
 @pytest.mark.slow
 def test_slurm_job_on_scratch_requeued_with_an_empty_output_dir_continues_from_backup(tmp_path, session_env, corpus, reference_runs):
-    from test_slurm import REPO, cluster_is_up
+    from test_slurm import REPO, cluster_is_up, sized_to_need_allocations
 
     if not cluster_is_up():
         pytest.skip("no SLURM cluster here: run tests/slurm/start_cluster.sh (as root) first")
-    # About 100 s of training on 2 cores: more than one 1-minute allocation (as in test_slurm.py).
-    flags = tiny_flags(corpus, max_train_samples=200, max_steps=6000, save_steps=1000, logging_steps=500)
+    flags, minutes = sized_to_need_allocations(tmp_path, session_env, corpus)
     reference = reference_runs(flags)
     dest, scratch, log = tmp_path / "shared" / "run1", tmp_path / "scratch", tmp_path / "job.log"
     subprocess.run([str(REPO / "launch.sh"), "setup"], env=session_env, check=True)  # the job must not spend its minute installing
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "--time=1", f"--output={log}", f"--chdir={REPO}", "--signal=B:USR1@30",
+        ["sbatch", "--parsable", f"--time={minutes}", f"--output={log}", f"--chdir={REPO}", "--signal=B:USR1@30",
          str(REPO / "slurm" / "train.sbatch"), *flags, "--backup_to", str(dest)],
         env={**session_env, "SCRATCH_OUTPUT_DIR": f"{scratch}/resumable-%j-%r"}, capture_output=True, text=True, check=True,
     )  # fmt: skip

@@ -154,3 +154,11 @@ def test_page_reuse_benchmark_times_a_write_after_each_pause(session_env):
     rows = run_bench(session_env, "save_cost.py", "page_reuse", "--megabytes", 2, "--writes", 3, "--pauses", 0, 0.1)
     assert [row[0] for row in rows] == ["0", "0.1"]
     assert all(0 < number(row[1]) <= number(row[3]) for row in rows)  # into the page cache, then with fsync
+
+
+def test_backup_benchmark_uploads_restores_and_times_a_fresh_machine_to_its_first_step(session_env):
+    rows = run_bench(session_env, "backup_speed.py", "transfer", "--size_mb", 4, "--repeats", 1)
+    assert [row[0] for row in rows] == ["upload 4 MB", "restore 4 MB"]
+    assert all(number(row[3].split()[0]) > 0 for row in rows)
+    [row] = run_bench(session_env, "backup_speed.py", "restore", "--model", "64x2", "--repeats", 1, timeout=600)
+    assert row[0].startswith("restore 64x2") and number(row[3].split()[0]) > 0
