@@ -2,9 +2,12 @@
 # Run the tests: ./tests/run.sh [--quick] [pytest args, e.g. -x or tests/test_state.py]
 #   --quick   the quick lane (marker `quick`): each feature's main path once, ~3 min; run it before every commit
 # Sets up .venv/ with the test requirements on top of the product's (launch.sh's installer), then runs
-# pytest twice: the tests that may share the machine on every core (pytest-xdist, a file's tests on one
-# worker so they share its reference runs; RESUMABLE_TEST_WORKERS=N to choose), then the `serial` ones
-# (they measure time or pin cores; tests/conftest.py SERIAL) alone.
+# pytest in three lanes:
+#   - the tests that may share the machine, on every core (pytest-xdist; a file's tests on one worker, so
+#     they share its reference runs; RESUMABLE_TEST_WORKERS=N to choose);
+#   - beside them, the `slurm` tests one at a time (they share the cluster's node and mostly wait for the
+#     scheduler; tests/conftest.py SLURM); their output is printed when the parallel lane is done;
+#   - then the `serial` ones alone (they measure time or pin cores; tests/conftest.py SERIAL).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$HERE/launch.sh" setup-tests
@@ -20,13 +23,24 @@ for argument in "${arguments[@]}"; do
     if [[ -e "${argument%%::*}" ]]; then targets=(); fi
 done
 python="${RESUMABLE_VENV:-$HERE/.venv}/bin/python"
+cluster_log=$(mktemp /tmp/resumable-slurm-lane.XXXXXX)
 set +e
-"$python" -m pytest "${targets[@]}" -m "${lane}not serial" -n "${RESUMABLE_TEST_WORKERS:-auto}" --dist loadfile "${arguments[@]}"
+"$python" -m pytest "${targets[@]}" -m "${lane}slurm and not serial" -p no:xdist "${arguments[@]}" >"$cluster_log" 2>&1 &
+cluster_pid=$!
+trap 'kill "$cluster_pid" 2>/dev/null' EXIT
+"$python" -m pytest "${targets[@]}" -m "${lane}not serial and not slurm" -n "${RESUMABLE_TEST_WORKERS:-auto}" --dist loadfile "${arguments[@]}"
 parallel=$?
+wait "$cluster_pid"
+cluster=$?
+echo "---- the slurm lane (run beside the parallel one) ----"
+cat "$cluster_log"
+rm -f "$cluster_log"
 "$python" -m pytest "${targets[@]}" -m "${lane}serial" -p no:xdist "${arguments[@]}"
 alone=$?
-# 5 is pytest's "no test selected": fine for one of the two runs, not for both.
-if [[ $parallel == 5 && $alone == 5 ]]; then exit 5; fi
-if [[ $parallel != 0 && $parallel != 5 ]]; then exit "$parallel"; fi
-if [[ $alone != 5 ]]; then exit "$alone"; fi
+# 5 is pytest's "no test selected": fine for some of the runs, not for all of them.
+codes=("$parallel" "$cluster" "$alone")
+if [[ " ${codes[*]} " == " 5 5 5 " ]]; then exit 5; fi
+for code in "${codes[@]}"; do
+    if [[ $code != 0 && $code != 5 ]]; then exit "$code"; fi
+done
 exit 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import state
-from conftest import REPO, SAVE_MODES, Training, descendants, file_digest, signal_all_at_once, tiny_flags, train
+from conftest import REPO, SAVE_MODES, Training, descendants, file_digest, measure_speed, signal_all_at_once, tiny_flags, train
 from test_multiprocess import TWO_RANKS
 
 FLAGS = dict(max_train_samples=200, gradient_accumulation_steps=2, max_steps=120, save_steps=50)
@@ -117,26 +117,20 @@ def launch(env, *arguments, timeout=600):
 
 
 def test_launch_sh_retries_after_75_until_done_and_result_is_exact(tmp_path, session_env, corpus, reference_runs):
-    # Measured now on this machine (its load changes both several-fold): the start-up (a 2-step run)
-    # and the steps per second (a 302-step run). Each attempt gets --max_time = start-up + 10 s, and
-    # the run is ~60 s of training: about 6 attempts, still more than one if the machine gets 5x faster
-    # (seen here as other jobs ended), and within the retries if it gets 6x slower.
-    timed = {}
-    for name, steps in (("warm-up", 2), (2, 2), (302, 302)):  # the first run fills the tokenization cache the others read
-        started = time.monotonic()
-        probe = train(session_env, tmp_path / f"probe-{name}", tiny_flags(corpus, **{**FLAGS, "max_steps": steps, "save_steps": 10_000}))
-        assert probe.returncode == 0, probe.stderr[-2000:]
-        timed[name] = time.monotonic() - started
-    steps_per_second = 300 / max(timed[302] - timed[2], 0.1)
-    max_steps = max(200, round(60 * steps_per_second / 100) * 100)
+    # Measured now on this machine (conftest.measure_speed; its load changes both several-fold). Each
+    # attempt gets --max_time = start-up + 8 s, and the run is ~30 s of training: about 4 attempts, still
+    # more than one if the machine gets 3x faster (seen here as other jobs ended), and within the retries
+    # if it gets 10x slower.
+    start_up, steps_per_second = measure_speed(session_env, tmp_path, corpus, FLAGS)
+    max_steps = max(200, round(30 * steps_per_second / 100) * 100)
     flags = tiny_flags(corpus, **{**FLAGS, "max_steps": max_steps, "save_steps": max_steps // 3})
     reference = reference_runs(flags)
     env = {**session_env, "RESUMABLE_RETRY_PAUSE": "0"}
-    max_time = math.ceil(timed[2]) + 10
+    max_time = math.ceil(start_up) + 8
     result = launch(env, "--retries", "40", "--output_dir", str(tmp_path / "run"), *flags, "--max_time", str(max_time), timeout=3600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     retries = result.stderr.count("training exited with 75")
-    assert retries >= 1, (result.stderr[-2000:], timed, max_steps, max_time)
+    assert retries >= 1, (result.stderr[-2000:], start_up, steps_per_second, max_steps, max_time)
     assert file_digest(tmp_path / "run" / "model.safetensors") == file_digest(reference / "model.safetensors")
 
 

@@ -8,16 +8,36 @@ import time
 
 import pytest
 
-from conftest import REPO, file_digest, tiny_flags
+from conftest import REPO, file_digest, measure_speed, tiny_flags
 
 pytestmark = pytest.mark.slow
 
 
 def cluster_is_up() -> bool:
+    """Whether a cluster answers with a usable node; a node still completing the previous test's job is waited for."""
     if not shutil.which("sbatch"):
         return False
-    answer = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
-    return answer.returncode == 0 and any(s in answer.stdout for s in ("idle", "mixed", "allocated"))
+    deadline = time.monotonic() + 120
+    while True:
+        answer = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+        if answer.returncode == 0 and any(s in answer.stdout for s in ("idle", "mixed", "allocated")):
+            return True
+        if answer.returncode != 0 or not answer.stdout.strip() or time.monotonic() > deadline:
+            return False
+        time.sleep(2)  # e.g. "completing": the job a test cancelled is still ending
+
+
+def sized_to_need_allocations(tmp_path, env, corpus, launcher=None, allocations: float = 2.5) -> tuple[list[str], int]:
+    """(flags, minutes): a time limit, and a run that needs about `allocations` of them at this machine's speed now.
+
+    Measured just before (conftest.measure_speed; the slurm lane runs beside the parallel one). Each
+    allocation leaves at least 20 s of training before its USR1 (30 s before the end), so the job is
+    requeued at least once unless the machine gets `allocations` times faster."""
+    start_up, steps_per_second = measure_speed(env, tmp_path, corpus, {"max_train_samples": 200}, launcher=launcher)
+    minutes = max(1, math.ceil((start_up + 30 + 20) / 60))  # start-up, training, then USR1 30 s before the end
+    window = minutes * 60 - 30 - start_up
+    steps = max(600, round(allocations * window * steps_per_second / 100) * 100)
+    return tiny_flags(corpus, max_train_samples=200, max_steps=steps, save_steps=steps // 6, logging_steps=steps // 6), minutes
 
 
 def run_job(sbatch_arguments: list[str], output_dir, flags, env, log, seconds: float = 900) -> tuple[dict, str]:
@@ -56,11 +76,10 @@ def wait_for_the_end(job_id: str, output_dir, seconds: float = 900) -> dict:
 def test_job_hits_its_time_limit_saves_requeues_itself_and_finishes_byte_identical(tmp_path, session_env, corpus, reference_runs):
     if not cluster_is_up():
         pytest.skip("no SLURM cluster here: run tests/slurm/start_cluster.sh (as root) first")
-    # About 100 s of training on 2 cores: more than one 1-minute allocation.
-    flags = tiny_flags(corpus, max_train_samples=200, max_steps=6000, save_steps=1000, logging_steps=500)
+    flags, minutes = sized_to_need_allocations(tmp_path, session_env, corpus)
     reference = reference_runs(flags)
     output_dir, log = tmp_path / "run", tmp_path / "job.log"
-    live, text = run_job(["slurm/train.sbatch"], output_dir, flags, session_env, log)
+    live, text = run_job([f"--time={minutes}", "slurm/train.sbatch"], output_dir, flags, session_env, log)
     assert "requeueing job" in text and "run 2 on" in text, text[-3000:]
     assert "Saved checkpoint-" in text and ("(SIGUSR1" in text or "(deadline" in text)
     resumes = [entry for entry in live["run_history"] if entry["event"] == "resume"]
@@ -74,25 +93,12 @@ def test_multinode_job_with_two_tasks_as_two_machines_requeues_itself_and_finish
         pytest.skip("no SLURM cluster here: run tests/slurm/start_cluster.sh (as root) first")
     from test_multiprocess import TWO_RANKS
 
-    # Sized from what this machine does now (its load changes start-up from ~10 s to ~60 s): the
-    # allocation leaves at least 20 s of training before its USR1, and the run needs ~2.5 of them.
-    timed = {}
-    for name, steps in (("warm-up", 2), (2, 2), (302, 302)):  # the first run fills the tokenization cache the others read
-        started = time.monotonic()
-        probe = subprocess.run([*TWO_RANKS, "--output_dir", str(tmp_path / f"probe-{name}"), *tiny_flags(corpus, max_train_samples=200, max_steps=steps, save_steps=10_000)],
-                               env=session_env, capture_output=True, text=True, timeout=1800)  # fmt: skip
-        assert probe.returncode == 0, probe.stderr[-2000:]
-        timed[name] = time.monotonic() - started
-    start_up, steps_per_second = timed[2], 300 / max(timed[302] - timed[2], 1)
-    minutes = max(1, math.ceil((start_up + 30 + 20) / 60))  # start-up, training, then USR1 30 s before the end
-    window = minutes * 60 - 30 - start_up
-    steps = max(600, round(2.5 * window * steps_per_second / 100) * 100)
-    flags = tiny_flags(corpus, max_train_samples=200, max_steps=steps, save_steps=steps // 6, logging_steps=steps // 6)
+    flags, minutes = sized_to_need_allocations(tmp_path, session_env, corpus, launcher=TWO_RANKS)
     reference = reference_runs(flags, launcher=TWO_RANKS)  # the same two processes on one machine
     output_dir, log = tmp_path / "run", tmp_path / "job.log"
     two_tasks = [f"--time={minutes}", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "slurm/train-multinode.sbatch"]
     live, text = run_job(two_tasks, output_dir, flags, {**session_env, "MAIN_PROCESS_IP": "127.0.0.1"}, log, seconds=900 + 6 * minutes * 60)
     assert "2 machine(s) x 1 process(es)" in text and "on 2 machines" in text, text[-3000:]
-    assert "requeueing job" in text and "run 2:" in text, (text[-3000:], start_up, steps_per_second, minutes, steps)
+    assert "requeueing job" in text and "run 2:" in text, (text[-3000:], flags, minutes)
     assert "Saved checkpoint-" in text and ("(SIGUSR1" in text or "(deadline" in text)
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")

@@ -4,7 +4,6 @@ A multi-node job whose rank never exits after its checkpoint runs to its time li
 requeued (issue 26). Whatever the cause below us, launch.sh exits with the training's code
 TEARDOWN_GRACE_SECONDS after the code was recorded, and ends only processes of its own run."""
 
-import os
 import shutil
 import subprocess
 import sys
