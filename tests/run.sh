@@ -5,8 +5,8 @@
 # pytest in three lanes:
 #   - the tests that may share the machine, on every core (pytest-xdist; a file's tests on one worker, so
 #     they share its reference runs; RESUMABLE_TEST_WORKERS=N to choose);
-#   - beside them, the `slurm` tests one at a time (they share the cluster's node and mostly wait for the
-#     scheduler; tests/conftest.py SLURM); their output is printed when the parallel lane is done;
+#   - beside them, the `slurm` tests one at a time (they share the cluster's node; tests/conftest.py
+#     SLURM); their output is printed when the parallel lane is done;
 #   - then the `serial` ones alone (they measure time or pin cores; tests/conftest.py SERIAL).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
