@@ -140,22 +140,36 @@ def train(env, output_dir, flags, timeout=600, harness_env=None, launcher=None) 
     return subprocess.run(command, env={**env, **(harness_env or {})}, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def measure_speed(env, directory: Path, corpus: Path, flags: dict, launcher=None) -> tuple[float, float]:
-    """(start-up seconds, optimizer steps per second) of runs of tiny_flags(corpus, **flags) on this machine now.
-
-    For tests that size a run from the speed (a load changes both several-fold): the start-up is the wall
-    time of a 2-step run (after a first one that fills the tokenization cache), the speed is what a
-    302-step run prints itself, not a difference of two runs' wall times, whose start-ups alone may
-    differ by more than the training takes under load."""
-    timed, printed = {}, ""
-    for name, steps in (("warm-up", 2), ("start-up", 2), ("speed", 302)):
+def measure_start_up(env, directory: Path, corpus: Path, flags: dict) -> float:
+    """Seconds from the start of a run of tiny_flags(corpus, **flags) to its end after 2 steps, on this machine now
+    (seconds when it is quiet, tens of seconds when its cores are busy): the second of two such runs, the
+    first having filled the tokenization cache."""
+    for name in ("warm-up", "start-up"):
         started = time.monotonic()
-        output_dir = directory / f"probe-{name}"
-        probe = train(env, output_dir, tiny_flags(corpus, **{**flags, "max_steps": steps, "save_steps": 10_000, "logging_steps": 100}), launcher=launcher)
+        probe = train(env, directory / f"probe-{name}", tiny_flags(corpus, **{**flags, "max_steps": 2, "save_steps": 10_000}))
         assert probe.returncode == 0, probe.stdout[-2000:] + probe.stderr[-2000:]
-        timed[name], printed = time.monotonic() - started, probe.stdout
-    global_batch = json.loads((output_dir / "trainer_state.json").read_text())["global_batch_size"]
-    return timed["start-up"], float(re.findall(r"([\d.]+) samples/s", printed)[-1]) / global_batch
+    return time.monotonic() - started
+
+
+HARNESS_AS_TRAIN_LOOP = """# A test project's training (tests/conftest.py project_training_the_harness): tests/harness.py.
+import runpy, sys
+sys.argv[0] = {harness!r}
+runpy.run_path({harness!r}, run_name="__main__")
+"""
+
+
+def project_training_the_harness(directory: Path) -> dict:
+    """The environment for `directory/launch.sh`, a project whose training is tests/harness.py, so that a run
+    started by launch.sh (or by a SLURM job: RESUMABLE_HOME) takes the harness's switches.
+
+    The real launch.sh, supervisor and accelerate config; the supervisor is copied, since it runs the
+    train_loop.py beside its own resolved path."""
+    directory.mkdir()
+    for name in ("launch.sh", "accelerate_config.yaml", "requirements.txt"):
+        (directory / name).symlink_to(REPO / name)
+    shutil.copy(REPO / "supervisor.py", directory)
+    (directory / "train_loop.py").write_text(HARNESS_AS_TRAIN_LOOP.format(harness=str(HARNESS)))
+    return {"RESUMABLE_HOME": str(directory), "RESUMABLE_VENV": str(Path(PYTHON).parent.parent)}
 
 
 def descendants(pid: int) -> list[int]:

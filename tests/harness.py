@@ -16,6 +16,9 @@ Production code has no test switches; this wrapper patches it from the outside:
   HARNESS_KILL_IN_UPLOAD=STEP --backup_to: SIGKILL this process after checkpoint-STEP's files are uploaded, before its manifest
   HARNESS_PAUSE_AFTER=STEP    the training sleeps (10 min) once checkpoint-STEP is saved and reported (with
                               --backup_to, its upload goes on); a test can then act at that point, however fast the training is
+  HARNESS_STEP_SECONDS=S      every optimizer step takes at least S seconds (it sleeps the rest): a run that must last
+                              (a SLURM time limit, --max_time) without taking the CPU other tests need, and whose
+                              speed a faster machine cannot raise
 """
 
 import hashlib
@@ -153,5 +156,17 @@ if reads_file:
         return original_chunks(part, position)
 
     streaming.stream_label_names, streaming.FilePart.chunks = recording_scan, recording_chunks
+
+step_seconds = os.environ.get("HARNESS_STEP_SECONDS")
+if step_seconds:
+    unpaced_step = train_loop.train_step
+
+    def paced_step(*args):
+        began = time.monotonic()
+        result = unpaced_step(*args)
+        time.sleep(max(0.0, float(step_seconds) - (time.monotonic() - began)))
+        return result
+
+    train_loop.train_step = paced_step
 
 sys.exit(train_loop.run_cli())

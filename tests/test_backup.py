@@ -364,18 +364,18 @@ def test_two_processes_the_main_one_uploads(tmp_path, session_env, corpus, s3):
 
 @pytest.mark.slow
 def test_slurm_job_on_scratch_requeued_with_an_empty_output_dir_continues_from_backup(tmp_path, session_env, corpus, reference_runs):
-    from test_slurm import REPO, cluster_is_up, sized_to_need_allocations
+    from test_slurm import MINUTES, REPO, cluster_is_up, paced_job
 
     if not cluster_is_up():
         pytest.skip("no SLURM cluster here: run tests/slurm/start_cluster.sh (as root) first")
-    flags, minutes = sized_to_need_allocations(tmp_path, session_env, corpus)
+    flags, job_env = paced_job(tmp_path, session_env, corpus)
     reference = reference_runs(flags)
     dest, scratch, log = tmp_path / "shared" / "run1", tmp_path / "scratch", tmp_path / "job.log"
     subprocess.run([str(REPO / "launch.sh"), "setup"], env=session_env, check=True)  # the job must not spend its minute installing
     submitted = subprocess.run(
-        ["sbatch", "--parsable", f"--time={minutes}", f"--output={log}", f"--chdir={REPO}", "--signal=B:USR1@30",
+        ["sbatch", "--parsable", f"--time={MINUTES}", f"--output={log}", f"--chdir={REPO}", "--signal=B:USR1@30",
          str(REPO / "slurm" / "train.sbatch"), *flags, "--backup_to", str(dest)],
-        env={**session_env, "SCRATCH_OUTPUT_DIR": f"{scratch}/resumable-%j-%r"}, capture_output=True, text=True, check=True,
+        env={**job_env, "SCRATCH_OUTPUT_DIR": f"{scratch}/resumable-%j-%r"}, capture_output=True, text=True, check=True,
     )  # fmt: skip
     job_id = submitted.stdout.strip().split(";")[0]
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import state
-from conftest import REPO, SAVE_MODES, Training, descendants, file_digest, measure_speed, signal_all_at_once, tiny_flags, train
+from conftest import REPO, SAVE_MODES, Training, descendants, file_digest, measure_start_up, project_training_the_harness, signal_all_at_once, tiny_flags, train
 from test_multiprocess import TWO_RANKS
 
 FLAGS = dict(max_train_samples=200, gradient_accumulation_steps=2, max_steps=120, save_steps=50)
@@ -112,25 +112,27 @@ def test_max_time_stops_in_time_with_a_checkpoint(tmp_path, session_env, corpus,
     assert elapsed < max_time + max(5, start_up), (elapsed, max_time, start_up)  # and the exit after it costs less than a start-up
 
 
-def launch(env, *arguments, timeout=600):
-    return subprocess.run([str(REPO / "launch.sh"), *arguments], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+def launch(env, *arguments, timeout=600, launch_sh=REPO / "launch.sh"):
+    return subprocess.run([str(launch_sh), *arguments], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 def test_launch_sh_retries_after_75_until_done_and_result_is_exact(tmp_path, session_env, corpus, reference_runs):
-    # Measured now on this machine (conftest.measure_speed; its load changes both several-fold). Each
-    # attempt gets --max_time = start-up + 8 s, and the run is ~30 s of training: about 4 attempts, still
-    # more than one if the machine gets 3x faster (seen here as other jobs ended), and within the retries
-    # if it gets 10x slower.
-    start_up, steps_per_second = measure_speed(session_env, tmp_path, corpus, FLAGS)
-    max_steps = max(200, round(30 * steps_per_second / 100) * 100)
-    flags = tiny_flags(corpus, **{**FLAGS, "max_steps": max_steps, "save_steps": max_steps // 3})
+    # Each attempt gets --max_time = twice the start-up + 8 s, the start-up measured now (a load changes
+    # it several-fold), and trains at most 1 / step_seconds steps a second (tests/harness.py), so that the
+    # attempts take little CPU and no machine, however fast, trains the run in one: its steps last longer
+    # than a whole --max_time, and less than two attempts' training. Two attempts; more, within the
+    # retries, if the machine gets slower.
+    step_seconds = 0.05
+    max_time = 2 * math.ceil(measure_start_up(session_env, tmp_path, corpus, FLAGS)) + 8
+    max_steps = math.ceil((max_time + 2) / step_seconds / 100) * 100
+    flags = tiny_flags(corpus, **{**FLAGS, "max_steps": max_steps, "save_steps": max_steps // 4})
     reference = reference_runs(flags)
-    env = {**session_env, "RESUMABLE_RETRY_PAUSE": "0"}
-    max_time = math.ceil(start_up) + 8
-    result = launch(env, "--retries", "40", "--output_dir", str(tmp_path / "run"), *flags, "--max_time", str(max_time), timeout=3600)
+    env = {**session_env, **project_training_the_harness(tmp_path / "project"), "HARNESS_STEP_SECONDS": str(step_seconds), "RESUMABLE_RETRY_PAUSE": "0"}
+    result = launch(env, "--retries", "40", "--output_dir", str(tmp_path / "run"), *flags, "--max_time", str(max_time), timeout=3600,
+                    launch_sh=tmp_path / "project" / "launch.sh")  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     retries = result.stderr.count("training exited with 75")
-    assert retries >= 1, (result.stderr[-2000:], start_up, steps_per_second, max_steps, max_time)
+    assert retries >= 1, (result.stderr[-2000:], max_time, max_steps)
     assert file_digest(tmp_path / "run" / "model.safetensors") == file_digest(reference / "model.safetensors")
 
 

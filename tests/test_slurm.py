@@ -1,14 +1,13 @@
 """slurm/train.sbatch on a real single-node SLURM cluster (tests/slurm/start_cluster.sh, run by .ci/run)."""
 
 import json
-import math
 import shutil
 import subprocess
 import time
 
 import pytest
 
-from conftest import REPO, file_digest, measure_speed, tiny_flags
+from conftest import REPO, file_digest, project_training_the_harness, tiny_flags
 
 pytestmark = pytest.mark.slow
 
@@ -27,24 +26,25 @@ def cluster_is_up() -> bool:
         time.sleep(2)  # e.g. "completing": the job a test cancelled is still ending
 
 
-def sized_to_need_allocations(tmp_path, env, corpus, launcher=None, allocations: float = 2.5) -> tuple[list[str], int]:
-    """(flags, minutes): a time limit, and a run that needs about `allocations` of them at this machine's speed now.
-
-    Measured just before (conftest.measure_speed; the slurm lane runs beside the parallel one). Each
-    allocation leaves at least 20 s of training before its USR1 (30 s before the end), so the job is
-    requeued at least once unless the machine gets `allocations` times faster."""
-    start_up, steps_per_second = measure_speed(env, tmp_path, corpus, {"max_train_samples": 200}, launcher=launcher)
-    minutes = max(1, math.ceil((start_up + 30 + 20) / 60))  # start-up, training, then USR1 30 s before the end
-    window = minutes * 60 - 30 - start_up
-    steps = max(600, round(allocations * window * steps_per_second / 100) * 100)
-    return tiny_flags(corpus, max_train_samples=200, max_steps=steps, save_steps=steps // 6, logging_steps=steps // 6), minutes
+# A job's training lasts by the clock, not by the CPU: each step takes STEP_SECONDS (tests/harness.py's
+# HARNESS_STEP_SECONDS), so the job leaves the cores to the parallel lane beside it, and no machine, however
+# fast or busy, changes how many allocations it needs. A MINUTES limit with USR1 30 s before it leaves each
+# allocation 90 s less its start-up; RUN_SECONDS of steps are more than one such window, and less than two
+# as long as two start-ups take under 80 s: the job is requeued once and finishes in its second allocation.
+STEP_SECONDS, MINUTES, RUN_SECONDS = 0.1, 2, 100
+def paced_job(tmp_path, env, corpus) -> tuple[list[str], dict]:
+    """(flags, environment) for a job whose launch.sh trains tests/harness.py at STEP_SECONDS a step (RESUMABLE_HOME)."""
+    steps = round(RUN_SECONDS / STEP_SECONDS)
+    flags = tiny_flags(corpus, max_train_samples=200, max_steps=steps, save_steps=steps // 5, logging_steps=steps // 5)
+    paced = {**project_training_the_harness(tmp_path / "project"), "HARNESS_STEP_SECONDS": str(STEP_SECONDS)}
+    return flags, {**env, **paced}
 
 
 def run_job(sbatch_arguments: list[str], output_dir, flags, env, log, seconds: float = 900) -> tuple[dict, str]:
-    """Submit the job (a 1-minute limit unless the arguments say, USR1 30 s before it), wait until the training is complete; (live state, job log)."""
+    """Submit the job (a MINUTES limit, USR1 30 s before it), wait until the training is complete; (live state, job log)."""
     *options, script = sbatch_arguments
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "--time=1", f"--output={log}", f"--chdir={REPO}", "--signal=B:USR1@30", *options,
+        ["sbatch", "--parsable", f"--time={MINUTES}", f"--output={log}", f"--chdir={REPO}", "--signal=B:USR1@30", *options,
          str(REPO / script), "--output_dir", str(output_dir), *flags],
         env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
@@ -76,10 +76,10 @@ def wait_for_the_end(job_id: str, output_dir, seconds: float = 900) -> dict:
 def test_job_hits_its_time_limit_saves_requeues_itself_and_finishes_byte_identical(tmp_path, session_env, corpus, reference_runs):
     if not cluster_is_up():
         pytest.skip("no SLURM cluster here: run tests/slurm/start_cluster.sh (as root) first")
-    flags, minutes = sized_to_need_allocations(tmp_path, session_env, corpus)
+    flags, job_env = paced_job(tmp_path, session_env, corpus)
     reference = reference_runs(flags)
     output_dir, log = tmp_path / "run", tmp_path / "job.log"
-    live, text = run_job([f"--time={minutes}", "slurm/train.sbatch"], output_dir, flags, session_env, log)
+    live, text = run_job(["slurm/train.sbatch"], output_dir, flags, job_env, log)
     assert "requeueing job" in text and "run 2 on" in text, text[-3000:]
     assert "Saved checkpoint-" in text and ("(SIGUSR1" in text or "(deadline" in text)
     resumes = [entry for entry in live["run_history"] if entry["event"] == "resume"]
@@ -93,12 +93,12 @@ def test_multinode_job_with_two_tasks_as_two_machines_requeues_itself_and_finish
         pytest.skip("no SLURM cluster here: run tests/slurm/start_cluster.sh (as root) first")
     from test_multiprocess import TWO_RANKS
 
-    flags, minutes = sized_to_need_allocations(tmp_path, session_env, corpus, launcher=TWO_RANKS)
+    flags, job_env = paced_job(tmp_path, session_env, corpus)
     reference = reference_runs(flags, launcher=TWO_RANKS)  # the same two processes on one machine
     output_dir, log = tmp_path / "run", tmp_path / "job.log"
-    two_tasks = [f"--time={minutes}", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "slurm/train-multinode.sbatch"]
-    live, text = run_job(two_tasks, output_dir, flags, {**session_env, "MAIN_PROCESS_IP": "127.0.0.1"}, log, seconds=900 + 6 * minutes * 60)
+    two_tasks = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "slurm/train-multinode.sbatch"]
+    live, text = run_job(two_tasks, output_dir, flags, {**job_env, "MAIN_PROCESS_IP": "127.0.0.1"}, log)
     assert "2 machine(s) x 1 process(es)" in text and "on 2 machines" in text, text[-3000:]
-    assert "requeueing job" in text and "run 2:" in text, (text[-3000:], flags, minutes)
+    assert "requeueing job" in text and "run 2:" in text, text[-3000:]
     assert "Saved checkpoint-" in text and ("(SIGUSR1" in text or "(deadline" in text)
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
