@@ -112,7 +112,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     # ---- the loop
     model.train()  # from_pretrained returns a model in eval mode: dropout would be off
     if stopping.requested(at_step_boundary=False):  # signalled while loading
-        return stop_early(accelerator, stopping, saver, log, progress)
+        return stop_early(accelerator, stopping, saver, log, progress, train_batches)
     step_began = time.monotonic()
     while progress.global_step < total_steps:  # an epoch per round (a stream: one endless round)
         for micro_batches in train_batches.optimizer_steps(progress.global_step, total_steps, plan.accumulation):
@@ -140,7 +140,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
 
             saver.poll()  # a background save that finished becomes visible here (every rank, same step)
             if stopping.requested():
-                return stop_early(accelerator, stopping, saver, log, progress)
+                return stop_early(accelerator, stopping, saver, log, progress, train_batches)
             if progress.global_step % config.save_steps == 0 or last_step:
                 saver.save(progress, "final step" if last_step else "every --save_steps")
     stopping.settle()
@@ -179,13 +179,14 @@ def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad
     return step_loss
 
 
-def stop_early(accelerator, stopping: StopCheck, saver: CheckpointSaver, log: TrainingLog, progress: TrainingState) -> int:
+def stop_early(accelerator, stopping: StopCheck, saver: CheckpointSaver, log: TrainingLog, progress: TrainingState, train_batches) -> int:
     """Every rank, at the same step boundary: save this step, say how to continue, exit 75."""
     log.bar.close()
     accelerator.print(f"\n🛑 Stopping at step {progress.global_step}: {stopping.reason}")
     if progress.global_step > 0:
         saver.save(progress, stopping.reason)  # nothing to save before the first step
     saver.wait()  # the stop's save, or one still in flight
+    train_batches.close()  # the position is saved: --streaming's tokenizing workers end here, not in the exit
     log.write_live_state(stop_reason=stopping.reason)
     accelerator.print("▶️  To continue, run the same command again.")
     finish_trackers(accelerator)  # the process group is left later, in run_cli, once the model is gone

@@ -240,24 +240,45 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def computed_once(directory: Path, key: str, compute) -> Path:
+    """directory/<digest of key>, made by compute(path) once in the session and shared by every worker: one
+    that asks while another computes it waits for it (a lock per key), then reads it."""
+    output_dir = directory / hashlib.sha256(key.encode()).hexdigest()[:16]
+    done = output_dir.with_suffix(".done")
+    with held_lock(output_dir.with_suffix(".lock")):
+        if not done.exists():
+            shutil.rmtree(output_dir, ignore_errors=True)  # left by a worker that failed
+            compute(output_dir)
+            done.write_text(key)
+    return output_dir
+
+
 @pytest.fixture(scope="session")
 def reference_runs(tmp_path_factory, session_env):
-    """Uninterrupted runs, computed once per distinct flag set and shared by every test of every worker.
-
-    A worker that needs a run another worker is computing waits for it (a lock per run), then reads it."""
+    """Uninterrupted runs, computed once per distinct flag set and shared by every test of every worker."""
     shared = shared_directory(tmp_path_factory) / "reference-runs"
     shared.mkdir(exist_ok=True)
 
     def get(flags: list[str], launcher=None, env_extra=None):
-        key = json.dumps([list(map(str, flags)), list(map(str, launcher or ())), sorted((env_extra or {}).items())])
-        output_dir = shared / hashlib.sha256(key.encode()).hexdigest()[:16]
-        done = output_dir.with_suffix(".done")
-        with held_lock(output_dir.with_suffix(".lock")):
-            if not done.exists():
-                shutil.rmtree(output_dir, ignore_errors=True)  # a run of a worker that failed
-                result = train({**session_env, **(env_extra or {})}, output_dir, flags, launcher=launcher)
-                assert result.returncode == 0, result.stdout + result.stderr
-                done.write_text(key)
-        return output_dir
+        def run(output_dir):
+            result = train({**session_env, **(env_extra or {})}, output_dir, flags, launcher=launcher)
+            assert result.returncode == 0, result.stdout + result.stderr
+
+        return computed_once(shared, json.dumps([list(map(str, flags)), list(map(str, launcher or ())), sorted((env_extra or {}).items())]), run)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def interrupted_runs(tmp_path_factory, session_env):
+    """Runs killed with SIGKILL as soon as they print `after`, computed once per flag set and line: tests that
+    start from the same interruption share its run, and each gets a copy of its own to damage or resume."""
+    shared = shared_directory(tmp_path_factory) / "interrupted-runs"
+    shared.mkdir(exist_ok=True)
+
+    def copy(flags: list[str], after: str, destination: Path) -> Path:
+        source = computed_once(shared, json.dumps([list(map(str, flags)), after]), lambda output_dir: kill_when(session_env, output_dir, flags, after))
+        shutil.copytree(source, destination)
+        return destination
+
+    return copy

@@ -80,11 +80,11 @@ def record_software(checkpoint, **versions):
     state.write_manifest(checkpoint, state.checkpoint_step(checkpoint))
 
 
-def test_a_checkpoint_from_another_torch_resumes_with_one_line_and_a_failed_load_names_both_versions(tmp_path, session_env, corpus, reference_runs):
+def test_a_checkpoint_from_another_torch_resumes_with_one_line_and_a_failed_load_names_both_versions(tmp_path, session_env, corpus, reference_runs, interrupted_runs):
     flags = tiny_flags(corpus, **FLAGS)
     reference = reference_runs(flags)
     output_dir = tmp_path / "run"
-    kill_when(session_env, output_dir, flags, "Saved checkpoint-20")
+    interrupted_runs(flags, "Saved checkpoint-20", output_dir)
     checkpoint = output_dir / "checkpoint-20"
     recorded = json.loads((checkpoint / state.SOFTWARE_NAME).read_text())
     assert recorded["torch"] == torch.__version__ and recorded["device_type"] == "cpu" and recorded["device_count"] == os.cpu_count()

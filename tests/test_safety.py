@@ -9,14 +9,9 @@ import subprocess
 import pytest
 
 import state
-from conftest import HARNESS, PYTHON, SAVE_MODES, Training, file_digest, kill_when, tiny_flags, train
+from conftest import HARNESS, PYTHON, SAVE_MODES, Training, file_digest, tiny_flags, train
 
 FLAGS = dict(max_train_samples=200, max_steps=40, save_steps=10)
-
-
-def interrupted_run(env, output_dir, flags, after="Saved checkpoint-30"):
-    """A run killed right after it printed `after`."""
-    kill_when(env, output_dir, flags, after)
 
 
 def corrupt_truncate(path):
@@ -41,11 +36,11 @@ def corrupt_flip_byte(path):
         ("manifest.json", os.remove, "manifest.json is missing", ["--async_save", "false"]),
     ],
 )
-def test_damaged_newest_checkpoint_falls_back_and_ends_byte_identical(tmp_path, session_env, corpus, reference_runs, name, damage, reason, save_mode):
+def test_damaged_newest_checkpoint_falls_back_and_ends_byte_identical(tmp_path, session_env, corpus, interrupted_runs, reference_runs, name, damage, reason, save_mode):
     flags = tiny_flags(corpus, **FLAGS)
     reference = reference_runs(flags)
     output_dir = tmp_path / "run"
-    interrupted_run(session_env, output_dir, flags + save_mode)
+    interrupted_runs(flags + save_mode, "Saved checkpoint-30", output_dir)
     newest = max(state.list_checkpoints(output_dir), key=state.checkpoint_step)
     damage(newest / name)
 
@@ -58,10 +53,10 @@ def test_damaged_newest_checkpoint_falls_back_and_ends_byte_identical(tmp_path, 
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
 
 
-def test_no_valid_checkpoint_exits_2_and_lists_them(tmp_path, session_env, corpus):
+def test_no_valid_checkpoint_exits_2_and_lists_them(tmp_path, session_env, corpus, interrupted_runs):
     flags = tiny_flags(corpus, **FLAGS)
     output_dir = tmp_path / "run"
-    interrupted_run(session_env, output_dir, flags, after="Saved checkpoint-20")
+    interrupted_runs(flags, "Saved checkpoint-20", output_dir)
     for checkpoint in state.list_checkpoints(output_dir):
         corrupt_flip_byte(checkpoint / "optimizer.bin")
     result = train(session_env, output_dir, flags)
@@ -75,10 +70,10 @@ def test_no_valid_checkpoint_exits_2_and_lists_them(tmp_path, session_env, corpu
     assert len(list(output_dir.glob("previous-run-*/checkpoint-*"))) == 2
 
 
-def test_resume_from_a_named_checkpoint_that_is_damaged_or_missing_exits_2(tmp_path, session_env, corpus):
+def test_resume_from_a_named_checkpoint_that_is_damaged_or_missing_exits_2(tmp_path, session_env, corpus, interrupted_runs):
     flags = tiny_flags(corpus, **FLAGS)
     output_dir = tmp_path / "run"
-    interrupted_run(session_env, output_dir, flags, after="Saved checkpoint-20")
+    interrupted_runs(flags, "Saved checkpoint-20", output_dir)
     corrupt_truncate(output_dir / "checkpoint-20" / "model.safetensors")
     damaged = train(session_env, output_dir, flags + ["--resume_from_checkpoint", str(output_dir / "checkpoint-20")])
     assert damaged.returncode == 2 and "checkpoint-20: model.safetensors:" in damaged.stderr
@@ -98,10 +93,10 @@ class Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_malicious_pickle_in_a_checkpoint_is_refused_not_executed(tmp_path, session_env, corpus):
+def test_malicious_pickle_in_a_checkpoint_is_refused_not_executed(tmp_path, session_env, corpus, interrupted_runs):
     flags = tiny_flags(corpus, **FLAGS)
     output_dir = tmp_path / "run"
-    interrupted_run(session_env, output_dir, flags, after="Saved checkpoint-20")
+    interrupted_runs(flags, "Saved checkpoint-20", output_dir)
     marker = tmp_path / "pwned"
     checkpoint = output_dir / "checkpoint-20"
     with open(checkpoint / "random_states_0.pkl", "wb") as handle:
@@ -114,10 +109,10 @@ def test_malicious_pickle_in_a_checkpoint_is_refused_not_executed(tmp_path, sess
 
 
 @SAVE_MODES
-def test_a_save_that_hits_a_full_disk_keeps_every_earlier_checkpoint(tmp_path, session_env, corpus, save_mode):
+def test_a_save_that_hits_a_full_disk_keeps_every_earlier_checkpoint(tmp_path, session_env, corpus, interrupted_runs, save_mode):
     flags = tiny_flags(corpus, **FLAGS) + save_mode
     output_dir = tmp_path / "run"
-    interrupted_run(session_env, output_dir, flags, after="Saved checkpoint-20")
+    interrupted_runs(flags, "Saved checkpoint-20", output_dir)
     before = {p.name: file_digest(p / "model.safetensors") for p in state.list_checkpoints(output_dir)}
     largest = max(f.stat().st_size for f in (output_dir / "checkpoint-20").iterdir())
 
@@ -184,10 +179,10 @@ def test_a_second_run_on_the_same_directory_exits_2_at_once(tmp_path, session_en
     third.finish()
 
 
-def test_changed_flags_that_change_the_result_are_refused_with_a_table(tmp_path, session_env, corpus):
+def test_changed_flags_that_change_the_result_are_refused_with_a_table(tmp_path, session_env, corpus, interrupted_runs):
     flags = tiny_flags(corpus, **FLAGS)
     output_dir = tmp_path / "run"
-    interrupted_run(session_env, output_dir, flags, after="Saved checkpoint-20")
+    interrupted_runs(flags, "Saved checkpoint-20", output_dir)
     changed = train(session_env, output_dir, tiny_flags(corpus, **{**FLAGS, "seed": 7, "learning_rate": 0.01}))
     assert changed.returncode == 2
     assert "| in checkpoint" in changed.stderr and "--seed" in changed.stderr and "| 42" in changed.stderr and "| 7" in changed.stderr
