@@ -51,9 +51,9 @@ SERIAL = [
     "test_bench.py::test_page_reuse_benchmark_times_a_write_after_each_pause",
 ]  # fmt: skip
 # Tests that submit jobs to the SLURM cluster (marker `slurm`): one at a time, since they share its one
-# node, and beside the parallel pass, since run after it they would add their ~14 min to the suite's
-# wall time (they train, so beside it they slow it down instead; measured 2026-12-03). Each sizes its run from
-# the speed it measures just before, so the load of the parallel pass does not change what it proves.
+# node, and beside the parallel pass: their jobs train paced (project_training_the_harness and
+# HARNESS_STEP_SECONDS), so they spend their minutes waiting for the time limit and the requeue, not
+# taking the cores the parallel pass needs.
 SLURM = ["test_slurm.py", "test_backup.py::test_slurm_job_on_scratch_requeued_with_an_empty_output_dir_continues_from_backup"]
 
 
