@@ -55,10 +55,6 @@ SERIAL = [
 # HARNESS_STEP_SECONDS), so they spend their minutes waiting for the time limit and the requeue, not
 # taking the cores the parallel pass needs.
 SLURM = ["test_slurm.py", "test_backup.py::test_slurm_job_on_scratch_requeued_with_an_empty_output_dir_continues_from_backup"]
-# The files whose tests spend the most CPU (measured 2026-12-03, 170-280 s each), collected first: the
-# parallel lane hands out whole files in collection order, so a long one handed out last kept one core
-# busy for minutes while the other idled.
-LONGEST_FIRST = ["test_interruptions.py", "test_bench.py", "test_multiprocess.py", "test_default_threads.py", "test_safety.py", "test_backup.py", "test_multinode.py"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -70,7 +66,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.serial)
         if names & set(SLURM):
             item.add_marker(pytest.mark.slurm)
-    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST else len(LONGEST_FIRST))  # stable
 
 
 def write_corpus(path: Path, lines: int = 3000, seed: int = 0) -> Path:
