@@ -32,6 +32,8 @@ def cluster_is_up() -> bool:
 # allocation 90 s less its start-up; RUN_SECONDS of steps are more than one such window, and less than two
 # as long as two start-ups take under 80 s: the job is requeued once and finishes in its second allocation.
 STEP_SECONDS, MINUTES, RUN_SECONDS = 0.1, 2, 100
+
+
 def paced_job(tmp_path, env, corpus) -> tuple[list[str], dict]:
     """(flags, environment) for a job whose launch.sh trains tests/harness.py at STEP_SECONDS a step (RESUMABLE_HOME)."""
     steps = round(RUN_SECONDS / STEP_SECONDS)
