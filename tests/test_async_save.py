@@ -18,6 +18,14 @@ ASYNC = ["--async_save", "true"]
 SNAPSHOT_FILES = ["model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "training_args.json", "software.json"]
 
 
+def next_save(output_dir, save_steps: int, max_steps: int) -> int:
+    """The step of the first save a resume of `output_dir` makes. The stopped run's newest checkpoint is the
+    one its signal landed after, which on a loaded machine can be a save or two later than the line waited for."""
+    newest = state.checkpoint_step(state.list_checkpoints(output_dir)[-1])
+    assert newest < max_steps, f"the run was not stopped before its end (checkpoint-{newest})"
+    return min((newest // save_steps + 1) * save_steps, max_steps)
+
+
 def same_checkpoint(first, second):
     """Every file byte for byte; trainer_state.json too, but for the wall-clock times of run_history."""
     for name in SNAPSHOT_FILES:
@@ -99,6 +107,7 @@ def test_a_background_failure_ends_the_run_like_a_synchronous_one(tmp_path, sess
     run.signal_group()
     run.finish()
     before = {p.name: file_digest(p / "optimizer.bin") for p in state.list_checkpoints(output_dir)}
+    failing = next_save(output_dir, FLAGS["save_steps"], FLAGS["max_steps"])
     largest = max(f.stat().st_size for f in (output_dir / "checkpoint-20").iterdir())
 
     def small_file_limit():  # the optimizer state no longer fits in a file: EFBIG, like a full disk
@@ -107,7 +116,7 @@ def test_a_background_failure_ends_the_run_like_a_synchronous_one(tmp_path, sess
     command = [PYTHON, str(HARNESS), "--output_dir", str(output_dir), *flags, *ASYNC]
     result = subprocess.run(command, env=session_env, capture_output=True, text=True, preexec_fn=small_file_limit, timeout=600)
     assert result.returncode == 1, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1].startswith("error: saving checkpoint-30 failed (")
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: saving checkpoint-{failing} failed (")
     assert "earlier checkpoints are untouched" in result.stderr and "Traceback" not in result.stderr
     assert not list(output_dir.glob(".tmp-checkpoint-*"))
     assert {p.name: file_digest(p / "optimizer.bin") for p in state.list_checkpoints(output_dir)} == before
@@ -182,7 +191,9 @@ def test_a_background_failure_on_one_rank_ends_every_rank_with_one_line(tmp_path
     run.wait_for("Saved checkpoint-7")
     run.signal_group()
     run.finish()
-    before = file_digest(output_dir / "checkpoint-7" / "optimizer.bin")
+    kept = [p.name for p in state.list_checkpoints(output_dir)]
+    before = {name: file_digest(output_dir / name / "optimizer.bin") for name in kept}
+    failing = next_save(output_dir, save_steps=7, max_steps=21)
     largest = (output_dir / "checkpoint-7" / "optimizer.bin").stat().st_size
 
     def small_file_limit():  # inherited by both ranks: the main process's optimizer.bin fails, rank 1's RNG file does not
@@ -191,8 +202,8 @@ def test_a_background_failure_on_one_rank_ends_every_rank_with_one_line(tmp_path
     command = [*TWO_RANKS, "--output_dir", str(output_dir), *flags]
     result = subprocess.run(command, env=session_env, capture_output=True, text=True, preexec_fn=small_file_limit, timeout=600)
     assert result.returncode != 0
-    assert result.stderr.count("error: saving checkpoint-14 failed (") == 1, result.stderr[-3000:]
+    assert result.stderr.count(f"error: saving checkpoint-{failing} failed (") == 1, result.stderr[-3000:]
     assert 'File "' + str(HARNESS.parent.parent / "train_loop.py") not in result.stderr
     assert not list(output_dir.glob(".tmp-checkpoint-*"))
-    assert [p.name for p in state.list_checkpoints(output_dir)] == ["checkpoint-7"]
-    assert file_digest(output_dir / "checkpoint-7" / "optimizer.bin") == before
+    assert [p.name for p in state.list_checkpoints(output_dir)] == kept
+    assert {name: file_digest(output_dir / name / "optimizer.bin") for name in kept} == before
