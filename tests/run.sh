@@ -3,8 +3,9 @@
 #   --quick   the quick lane (marker `quick`): each feature's main path once, ~3 min; run it before every commit
 # Sets up .venv/ with the test requirements on top of the product's (launch.sh's installer), then runs
 # pytest in three lanes:
-#   - the tests that may share the machine, on every core (pytest-xdist; a file's tests on one worker, so
-#     they share its reference runs; RESUMABLE_TEST_WORKERS=N to choose);
+#   - the tests that may share the machine, on every core (pytest-xdist, work-stealing: a worker that runs out
+#     takes tests from the other's queue, so the lane does not end with one core idle; reference and killed runs
+#     are shared across workers by tests/conftest.py computed_once; RESUMABLE_TEST_WORKERS=N to choose);
 #   - beside them, the `slurm` tests one at a time (they share the cluster's node; tests/conftest.py
 #     SLURM); their output is printed when the parallel lane is done;
 #   - then the `serial` ones alone (they measure time or pin cores; tests/conftest.py SERIAL).
@@ -28,7 +29,7 @@ set +e
 "$python" -m pytest "${targets[@]}" -m "${lane}slurm and not serial" -p no:xdist "${arguments[@]}" >"$cluster_log" 2>&1 &
 cluster_pid=$!
 trap 'kill "$cluster_pid" 2>/dev/null' EXIT
-"$python" -m pytest "${targets[@]}" -m "${lane}not serial and not slurm" -n "${RESUMABLE_TEST_WORKERS:-auto}" --dist loadfile "${arguments[@]}"
+"$python" -m pytest "${targets[@]}" -m "${lane}not serial and not slurm" -n "${RESUMABLE_TEST_WORKERS:-auto}" --dist worksteal "${arguments[@]}"
 parallel=$?
 wait "$cluster_pid"
 cluster=$?
