@@ -123,11 +123,8 @@ class TrainingConfig:
         if self.backup_to is not None:
             self._validate_backup()
         self.validate_gpu_switches()
-        from transformers.trainer_utils import SchedulerType
-
-        schedules = [kind.value for kind in SchedulerType]
-        if self.lr_scheduler_type not in schedules:
-            raise UsageError(f"--lr_scheduler_type {self.lr_scheduler_type!r}: choose one of {', '.join(schedules)}")
+        if self.lr_scheduler_type not in LR_SCHEDULER_TYPES:
+            raise UsageError(f"--lr_scheduler_type {self.lr_scheduler_type!r}: choose one of {', '.join(LR_SCHEDULER_TYPES)}")
         if self.task not in TASKS:
             raise UsageError(f"--task {self.task!r}: choose causal-lm or sequence-classification")
         if sum(bool(source) for source in (self.model_name_or_path, self.config_name, self.model_module)) > 1:
@@ -272,6 +269,14 @@ class TrainingConfig:
             return self.greater_is_better
         return not self.best_metric_name.endswith("loss")
 
+
+# transformers' SchedulerType values, written out: importing transformers.trainer_utils to read them took 3 s,
+# so a bad flag after this check waited that long for its one line. tests/test_flags.py compares them with
+# the installed transformers'.
+LR_SCHEDULER_TYPES = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
+)  # fmt: skip
 
 # Flags whose change makes a resumed run differ from an uninterrupted one.
 # Files and directories are compared by content (data.input_identities), not by path.

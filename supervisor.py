@@ -179,8 +179,9 @@ def launcher_command(environ) -> list[str]:
 
     processes = whole_number("NUM_PROCESSES", "1", 1)
     machines = whole_number("NUM_MACHINES", "1", 1)
-    accelerate = Path(sys.executable).with_name("accelerate")
-    command = [str(accelerate), "launch", "--quiet", "--config_file", str(HERE / "accelerate_config.yaml"), "--num_processes", str(processes)]
+    # accelerate's own launch module, not the `accelerate` command: that one imports every subcommand
+    # first (`estimate-memory` imports transformers), 0.7 s of CPU more before the training starts.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(HERE / "accelerate_config.yaml"), "--num_processes", str(processes)]
     if machines > 1:
         rank = whole_number("MACHINE_RANK", "", 0)
         port = whole_number("MAIN_PROCESS_PORT", "29500", 1)

@@ -1,13 +1,16 @@
-"""One way to say yes: every boolean flag takes --flag, --flag true and --flag false, as TrainingArguments does."""
+"""One way to say yes: every boolean flag takes --flag, --flag true and --flag false, as TrainingArguments does.
+And flags are checked before the slow imports."""
 
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
-from conftest import tiny_flags, train
+from conftest import REPO, tiny_flags, train
 
-from config import TrainingConfig, UsageError, parse_config
+from config import LR_SCHEDULER_TYPES, TrainingConfig, UsageError, parse_config
 
 BOOLEAN_FLAGS = [field.name for field in dataclasses.fields(TrainingConfig) if field.type in ("bool", "bool | None")]
 
@@ -40,3 +43,17 @@ def test_a_bad_boolean_value_gets_one_line_and_exit_2_with_nothing_written(tmp_p
     assert result.stderr.strip().splitlines()[-1] == "error: argument --async_save: takes true or false, or nothing for true (got 'maybe')"
     assert "Traceback" not in result.stderr
     assert not output_dir.exists()
+
+
+def test_the_scheduler_names_are_transformers_and_a_wrong_one_is_refused_before_torch_is_imported(tmp_path):
+    from transformers.trainer_utils import SchedulerType
+
+    assert LR_SCHEDULER_TYPES == tuple(kind.value for kind in SchedulerType)
+    probe = "\n".join([
+        "import sys, config",
+        f"try: config.parse_config(['--output_dir', {str(tmp_path / 'out')!r}, '--lr_scheduler_type', 'cosin']).validate()",
+        "except config.UsageError as error: print(error)",
+        "print(sorted(name for name in ('torch', 'transformers', 'datasets') if name in sys.modules))",
+    ])  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines() == [f"--lr_scheduler_type 'cosin': choose one of {', '.join(LR_SCHEDULER_TYPES)}", "[]"], result.stderr

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 from conftest import HARNESS, REPO, SAVE_MODES, TINY_MODEL, Training, file_digest, tiny_flags, train
 
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-TWO_RANKS = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_config.yaml"), "--multi_gpu", "--num_processes", "2", str(HARNESS)]
-ONE_RANK = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_config.yaml"), "--num_processes", "1", str(HARNESS)]
+# accelerate launch as launch.sh's supervisor runs it: its own module (the `accelerate` command imports every subcommand first)
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+TWO_RANKS = [*ACCELERATE_LAUNCH, "--config_file", str(REPO / "accelerate_config.yaml"), "--multi_gpu", "--num_processes", "2", str(HARNESS)]
+ONE_RANK = [*ACCELERATE_LAUNCH, "--config_file", str(REPO / "accelerate_config.yaml"), "--num_processes", "1", str(HARNESS)]
 DEFAULT_MODEL = REPO / "configs" / "gpt2-small-byte.json"  # what ./launch.sh trains with no flags (dropout 0.1)
 # 200 blocks / (4 per rank x 2 ranks) = 25 steps per epoch.
 FLAGS = dict(max_train_samples=200, max_steps=60, save_steps=7)

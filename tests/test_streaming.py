@@ -2,15 +2,13 @@
 
 import json
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import HARNESS, REPO, Training, file_digest, kill_when, tiny_flags, train, write_corpus
+from conftest import Training, file_digest, kill_when, tiny_flags, train, write_corpus
+from test_multiprocess import TWO_RANKS
 
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-TWO_RANKS = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_config.yaml"), "--multi_gpu", "--num_processes", "2", str(HARNESS)]
 STEPS = 60
 
 pytestmark = pytest.mark.slow  # each test starts the program six times (~2 min on a loaded 2-core machine)
