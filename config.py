@@ -308,11 +308,12 @@ class _ArgumentParser(argparse.ArgumentParser):
 def parse_config(argv) -> TrainingConfig:
     parser = _ArgumentParser(prog="train_loop.py", description="resumable: a training loop that survives every interruption.")
     for field in dataclasses.fields(TrainingConfig):
+        help_text = field.metadata["help"].replace("%", "%%")  # argparse formats help with %: a plain "30 %" broke --help
         if field.type in ("bool", "bool | None"):  # --flag, --flag true, --flag false, as in TrainingArguments
-            parser.add_argument(f"--{field.name}", type=yes_or_no, nargs="?", const=True, default=field.default, help=field.metadata["help"])
+            parser.add_argument(f"--{field.name}", type=yes_or_no, nargs="?", const=True, default=field.default, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(field.type, str)
-            parser.add_argument(f"--{field.name}", type=kind, default=field.default, help=field.metadata["help"])
+            parser.add_argument(f"--{field.name}", type=kind, default=field.default, help=help_text)
     return TrainingConfig(**vars(parser.parse_args(argv)))
 
 
