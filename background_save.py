@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-import state
+from resumable import state
 
 # accelerate's save_state cannot be split into "copy" and "write", so the writer below repeats its
 # loop for the kinds of run it supports; tests/test_async_save.py compares the files byte for byte.

@@ -66,7 +66,7 @@ from urllib.parse import urlsplit
 
 import xxhash
 
-import state
+from resumable import state
 
 URL_SCHEMES = ("s3", "gs", "az", "abfs", "abfss")  # gs/az: the same library, untested
 FINAL_MODEL = "final-model"

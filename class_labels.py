@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from errors import UsageError
+from resumable.errors import UsageError
 
 RECORD_KEY = "labels"  # in training_args.json
 
@@ -59,7 +59,7 @@ def resumed_checkpoint_labels(config) -> tuple[str, list] | None:
     full check then falls back to an older checkpoint, that one holds the same labels: a resume
     with other labels is refused, and a checkpoint's model has one output per label.
     """
-    import state
+    from resumable import state
 
     if config.resume_from_checkpoint == "none":
         return None

@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 
 import backup
-import state
-from errors import EXIT_DONE, EXIT_FAILED, EXIT_USAGE
+from resumable import state
+from resumable.errors import EXIT_DONE, EXIT_FAILED, EXIT_USAGE
 
 def checkpoints_to_delete(output_dir: Path) -> list[Path]:
     """Every `checkpoint-N` directory, oldest first (a kill part-way leaves the newest ones)."""

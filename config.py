@@ -18,7 +18,9 @@ import re
 from pathlib import Path
 
 from data import TASKS, data_builder_for
-from errors import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, UsageError  # noqa: F401 (re-exported)
+from resumable.errors import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, UsageError  # noqa: F401 (re-exported)
+from resumable.settings import refuse_changed_settings
+from resumable.stopping import parse_duration  # noqa: F401 (re-exported)
 
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_CONFIG = REPO_DIR / "configs" / "gpt2-small-byte.json"
@@ -325,24 +327,6 @@ def yes_or_no(text: str) -> bool:
     return answers[text.lower()]
 
 
-def parse_duration(text: str) -> float:
-    """Seconds in '5400', '90m', '1h30m', '2h', '45s' or '01:30:00'."""
-    text = text.strip()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
-    if re.fullmatch(r"(\d+:)?\d+:\d+", text):
-        seconds = 0.0
-        for part in text.split(":"):
-            seconds = seconds * 60 + int(part)
-        return seconds
-    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text)
-    if text and match:
-        hours, minutes, seconds = (int(group or 0) for group in match.groups())
-        return hours * 3600 + minutes * 60 + seconds
-    raise UsageError(f"--max_time {text!r}: use seconds (5400), 90m, 1h30m or 01:30:00")
-
-
-
 def compare_with_checkpoint(now: dict, before: dict, allow_change: bool) -> list[str]:
     """Notes on harmless changes; raises UsageError for result-changing ones (unless allowed).
 
@@ -367,15 +351,8 @@ def compare_with_checkpoint(now: dict, before: dict, allow_change: bool) -> list
             now = {**now, "model_config": now.get("model_name_or_path") or now.get("config_name")}
         notes.append("ℹ️  The checkpoint predates content identities: data, tokenizer and model are compared by path this once")
     changed = [name for name in compared if before.get(name) != now.get(name)]
-    if changed and not allow_change:
-        width = max(len(name) for name in changed) + 2
-        column = max(24, *(min(len(str(before.get(name))), 32) + 1 for name in changed))  # a content hash fits
-        rows = "\n".join(f"  --{name:<{width}}| {before.get(name)!s:<{column}}| {now.get(name)}" for name in changed)
-        raise UsageError(
-            "these flags differ from the checkpoint and would change the result:\n"
-            f"  {'flag':<{width + 2}}| {'in checkpoint':<{column}}| now\n{rows}\n"
-            "Run with the checkpoint's values, or add --allow_config_change to accept the change knowingly."
-        )
+    if not allow_change:
+        refuse_changed_settings(changed, before, now, "flags", "--", "Run with the checkpoint's values, or add --allow_config_change to accept the change knowingly.")
     if changed:
         notes.append(f"⚠️  --allow_config_change: {', '.join(changed)} differ from the checkpoint; the result will differ from an uninterrupted run")
     moved = [n for n in INPUT_PATH_FLAGS if n not in compared and before.get(n) != now.get(n)]

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import class_labels
 import identity
-from errors import DataError  # noqa: F401 (re-exported: callers import it from here)
+from resumable.batches import optimizer_steps_of_epoch
+from resumable.errors import DataError  # noqa: F401 (re-exported: callers import it from here)
 
 TASKS = ("causal-lm", "sequence-classification")
 
@@ -264,30 +265,3 @@ class EpochBatches:
 
     def close(self) -> None:
         pass
-
-
-def optimizer_steps_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, accumulation):
-    """Yield lists of `accumulation` micro-batches: the optimizer steps still to take this epoch.
-
-    Mid-epoch (after a resume) the batches already trained on are skipped without being
-    loaded, so the next batch is the one the uninterrupted run took next.
-    """
-    from accelerate import skip_first_batches
-
-    import state
-
-    dataloader.set_epoch(epoch)  # the sample order is a function of (seed, epoch)
-    batches_to_skip = steps_done_in_epoch * accumulation
-    if batches_to_skip:
-        rng_before = state.capture_rng_state()
-        batches = iter(skip_first_batches(dataloader, batches_to_skip))
-        first = next(batches)
-        # Starting the skipping iterator drew from the global torch RNG, which the
-        # uninterrupted run did not do at this point: undo it, or dropout would differ.
-        state.restore_rng_state(rng_before)
-        batches = itertools.chain([first], batches)
-    else:
-        batches = iter(dataloader)
-    batches = itertools.islice(batches, steps_to_take * accumulation)
-    while step := list(itertools.islice(batches, accumulation)):
-        yield step

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-import state
+from resumable import state
 from model import loss_of
 
 

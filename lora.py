@@ -20,7 +20,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import state
+from resumable import state
 from config import TrainingConfig, UsageError
 
 # Notes from peft and transformers that ask nothing of the user, printed at every start and end.

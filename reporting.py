@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-import state
-from state import TrainingState
+from resumable import state
+from resumable.state import TrainingState
 from trackers import Trackers
 
 

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import backup
-import state
+from resumable import state
 from config import EXIT_DONE, EXIT_FAILED, EXIT_USAGE, TrainingConfig, UsageError
-from state import TrainingState
+from resumable.state import TrainingState
 
 
 @dataclasses.dataclass

@@ -14,11 +14,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import state
+from resumable import state
 from config import TrainingConfig
 from reporting import TrainingLog
-from state import TrainingState
-from stopping import Deadline
+from resumable.state import TrainingState
+from resumable.stopping import Deadline
 
 
 class CheckpointSaver:

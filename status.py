@@ -17,7 +17,7 @@ from pathlib import Path
 import backup
 import data
 import identity
-import state
+from resumable import state
 
 
 def describe(output_dir: Path) -> dict:
@@ -106,8 +106,9 @@ def print_report(report: dict) -> None:
     else:
         epoch = f", epoch {report['epoch']:.2f}" if report["epoch"] is not None else ""
         print(f"   step {report['global_step']} / {report['total_steps']} ({report['percent']}%){epoch}")
-        if report["last_loss"] is not None:
-            print(f"   last loss {report['last_loss']:.4f}, learning rate {report['last_learning_rate']:.2e}")
+        if report["last_loss"] is not None:  # a library run logs the values its loop passes to run.step(): perhaps no learning rate
+            rate = f", learning rate {report['last_learning_rate']:.2e}" if report["last_learning_rate"] is not None else ""
+            print(f"   last loss {report['last_loss']:.4f}{rate}")
         if report["situation"] == "running":
             print(f"   🏃 active: {report['active_run']}; {report['samples_per_second']:.1f} samples/s, ETA {state.human_duration(report['eta_seconds'])}")
         elif report["situation"] == "interrupted":

@@ -57,7 +57,7 @@ import numpy as np
 
 from class_labels import UnknownLabel, label_ids, unknown_label_line
 from data import data_builder_for
-from errors import DataError, UsageError
+from resumable.errors import DataError, UsageError
 
 CHUNK_BYTES = 128 << 10  # rows handed to a tokenizing worker at a time: ~128 KiB of text
 CHUNK_ROWS = 4096  # parquet rows per chunk
@@ -433,7 +433,7 @@ class TrainingStream:
 
     def attach(self, accelerator) -> None:
         """Save and load the snapshot inside accelerate's save_state / load_state, on every rank."""
-        import state
+        from resumable import state
 
         def save(models, weights, output_dir):
             state.save_data_stream_state(Path(output_dir), self.rank, *self.state_dict())
@@ -506,7 +506,7 @@ def stream_label_names(files: list[str], config, say=print) -> list:
     --label_names; a resume takes them from its checkpoint). Says how far it is, about every 5 s."""
     import time
 
-    from state import human_bytes
+    from resumable.state import human_bytes
 
     spec = {"kind": data_builder_for(files[0]), "task": config.task, "text_column": config.text_column, "label_column": config.label_column, "csv_header": None}
     total, done, labels = sum(os.path.getsize(path) for path in files), 0, set()

@@ -37,10 +37,10 @@ import secrets
 import struct
 from pathlib import Path
 
-import state
+from resumable import state
 from config import TrainingConfig
-from errors import UsageError
-from state import TrainingState
+from resumable.errors import UsageError
+from resumable.state import TrainingState
 
 TRACKERS_NAME = "trackers.json"
 

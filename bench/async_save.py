@@ -36,7 +36,7 @@ from save_cost import MODELS, build  # noqa: E402
 
 
 def progress_at(step: int):
-    import state
+    from resumable import state
 
     return state.TrainingState(global_step=step, total_steps=10**6, steps_per_epoch=10**6, global_batch_size=1, per_device_train_batch_size=1)
 
@@ -44,7 +44,7 @@ def progress_at(step: int):
 def blocked_round(accelerator, model, saver, scratch: Path, order: tuple, step: int) -> dict:
     import shutil
 
-    import state
+    from resumable import state
 
     times = {}
     for kind in order:

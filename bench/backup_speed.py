@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE))
 
 import backup  # noqa: E402
-import state  # noqa: E402
+from resumable import state  # noqa: E402
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ from restart_preprocessing import write_corpus
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from state import directory_size  # noqa: E402
+from resumable.state import directory_size  # noqa: E402
 
 GPT2_SMALL_BYTE = {"model_type": "gpt2", "vocab_size": 384, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}  # fmt: skip
 

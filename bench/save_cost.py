@@ -54,7 +54,7 @@ def build(accelerator, width: int, layers: int):
 
 def time_checkpoint(accelerator, model, directory: Path) -> tuple[float, float, int]:
     """(seconds in state.save_checkpoint, seconds to checksum its files, bytes written)."""
-    import state
+    from resumable import state
 
     progress = state.TrainingState(global_step=1, total_steps=10, steps_per_epoch=10, global_batch_size=1, per_device_train_batch_size=1)
     began = time.perf_counter()

@@ -32,7 +32,7 @@ def time_steps(args) -> dict:
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    import randomness
+    from resumable import randomness
     import train_loop
     from data import Collator
 

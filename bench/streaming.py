@@ -63,7 +63,7 @@ def forge_position(checkpoint: Path, corpus: Path, fraction: float) -> None:
     """Set the stream position of a real checkpoint to the line starting at `fraction` of the file."""
     from safetensors.numpy import load_file, save_file
 
-    import state
+    from resumable import state
 
     path = checkpoint / state.DATA_STREAM_PATTERN.format(rank=0)
     arrays, metadata = load_file(str(path)), state.read_data_stream_metadata(checkpoint, 0)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import state  # noqa: E402
+from resumable import state  # noqa: E402
 import train_loop  # noqa: E402
 
 for package in filter(None, os.environ.get("HARNESS_HIDE_PACKAGES", "").split(",")):

@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-import state
+from resumable import state
 from conftest import HARNESS, PYTHON, Training, file_digest, tiny_flags, train
-from stopping import Deadline
+from resumable.stopping import Deadline
 from test_multiprocess import TWO_RANKS
 
 FLAGS = dict(max_train_samples=200, max_steps=40, save_steps=10)

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-import state
+from resumable import state
 from cleaning import backup_line
 from conftest import PYTHON, REPO, Training, file_digest, tiny_flags, train
 

@@ -72,7 +72,7 @@ def test_the_gradient_scaler_is_saved_in_the_checkpoint_and_restored(tmp_path):
     script = f"""
 import sys, torch
 sys.path.insert(0, {str(REPO)!r})
-import state
+from resumable import state
 from accelerate import Accelerator
 def run(scale):
     accelerator = Accelerator(cpu=True)
@@ -161,7 +161,7 @@ def test_a_checkpoint_resumes_across_compile_and_no_compile(tmp_path, session_en
 
 
 def test_the_first_step_compilation_included_does_not_count_in_the_deadlines_step_estimate():
-    from stopping import Deadline
+    from resumable.stopping import Deadline
 
     deadline = Deadline(max_time_seconds=100, started_at=0, estimated_save_seconds=1.0)  # margin 1.5 + 3 x step + 2
     deadline.record_step(60.0)  # the first step: torch.compile compiled the model in it

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import state
+from resumable import state
 from conftest import REPO, SAVE_MODES, Training, descendants, file_digest, measure_start_up, project_training_the_harness, signal_all_at_once, tiny_flags, train
 from test_multiprocess import TWO_RANKS
 

@@ -11,7 +11,7 @@ import torch
 
 import identity
 from config import UsageError, compare_with_checkpoint
-import state
+from resumable import state
 from conftest import PYTHON, REPO, file_digest, kill_when, tiny_flags, train
 
 FLAGS = dict(max_train_samples=200, max_steps=40, save_steps=10)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import state
+from resumable import state
 from conftest import REPO, Training, descendants, file_digest, signal_all_at_once, tiny_flags
 from test_multiprocess import FLAGS, TWO_RANKS
 

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from conftest import REPO, file_digest, tiny_flags, train
-from randomness import micro_batch_seeds
+from resumable.randomness import micro_batch_seeds
 
 FLAGS = dict(max_train_samples=200, max_steps=30, save_steps=10, gradient_accumulation_steps=2)
 
@@ -35,7 +35,7 @@ def test_the_same_samples_get_the_same_seed_in_every_layout_of_the_global_batch(
 
 def test_full_determinism_sets_what_an_exact_gpu_run_needs_before_cuda_starts(session_env):
     probe = (
-        "import os, torch, randomness; randomness.enable_full_determinism(); "
+        "import os, torch; from resumable import randomness; randomness.enable_full_determinism(); "
         "print(os.environ['CUBLAS_WORKSPACE_CONFIG'], torch.are_deterministic_algorithms_enabled(), "
         "torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.cuda.is_initialized())"
     )

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-import state
+from resumable import state
 from conftest import HARNESS, PYTHON, SAVE_MODES, Training, file_digest, tiny_flags, train
 
 FLAGS = dict(max_train_samples=200, max_steps=40, save_steps=10)

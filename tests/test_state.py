@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-import state
+from resumable import state
 
 
 def make_checkpoint(output_dir, step, complete=True, payload=b"weights"):

@@ -11,7 +11,7 @@ import pytest
 from conftest import file_digest, kill_when, tiny_flags, train
 from test_streaming import STEPS, kill_resume_and_compare
 
-import state
+from resumable import state
 
 LABELS = ["neg", "neu", "pos"]
 

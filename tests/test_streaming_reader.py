@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import state  # noqa: E402
+from resumable import state  # noqa: E402
 import streaming  # noqa: E402
 from config import TrainingConfig  # noqa: E402
 from conftest import tiny_flags, train  # noqa: E402

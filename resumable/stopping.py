@@ -18,7 +18,7 @@ import signal
 import subprocess
 import time
 
-from errors import EXIT_ABORTED
+from resumable.errors import EXIT_ABORTED, UsageError
 
 
 class StopRequests:
@@ -90,32 +90,40 @@ class StopAgreement:
             # On CPU the default group is gloo already; on GPUs (NCCL) a gloo group keeps the flags off the device.
             self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
-    def _all_reduce(self, asked: bool, wait: bool):
+    def _all_reduce(self, flags: tuple, wait: bool):
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1 if asked else 0], dtype=torch.int32)
-        work = dist.all_reduce(flag, group=self.group, async_op=True)
+        counts = torch.tensor([1 if flag else 0 for flag in flags], dtype=torch.int32)
+        work = dist.all_reduce(counts, group=self.group, async_op=True)
         if wait:
             work.wait()
-            return flag.item() > 0
-        return work, flag
+            return tuple(count > 0 for count in counts.tolist())
+        return work, counts
 
     def now(self, asked: bool) -> bool:
         """Decide at once (blocking); for moments outside the step loop."""
-        return asked if self.world_size == 1 else self._all_reduce(asked, wait=True)
+        return asked if self.world_size == 1 else self._all_reduce((asked,), wait=True)[0]
 
     def at_step_boundary(self, asked: bool) -> bool:
         """True on every rank at the same call if any rank was asked at this call or the one before."""
+        return self.flags_at_step_boundary((asked,))[0]
+
+    def flags_at_step_boundary(self, flags: tuple) -> tuple:
+        """Each flag (the first one: stop) true on every rank at the same call if any rank raised it at this call or the one before.
+
+        After the stop flag is agreed no further round starts; a flag agreed on its own (a save that is due)
+        is acted on by every rank at the same call, and the next round starts at once.
+        """
         if self.world_size == 1:
-            return asked
-        agreed = False
+            return tuple(flags)
+        agreed = (False,) * len(flags)
         if self.pending is not None:
-            work, flag = self.pending
+            work, counts = self.pending
             work.wait()  # long finished: it was started a whole step ago
-            agreed = flag.item() > 0
-        # Every rank reads the same sum here, so either all start another round or none does.
-        self.pending = None if agreed else self._all_reduce(asked, wait=False)
+            agreed = tuple(count > 0 for count in counts.tolist())
+        # Every rank reads the same sums here, so either all start another round or none does.
+        self.pending = None if agreed[0] else self._all_reduce(flags, wait=False)
         return agreed
 
     def settle(self) -> None:
@@ -161,6 +169,23 @@ class Deadline:
 
     def describe(self) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.at))
+
+
+def parse_duration(text: str, name: str = "--max_time") -> float:
+    """Seconds in '5400', '90m', '1h30m', '2h', '45s' or '01:30:00'; UsageError naming `name` otherwise."""
+    text = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    if re.fullmatch(r"(\d+:)?\d+:\d+", text):
+        seconds = 0.0
+        for part in text.split(":"):
+            seconds = seconds * 60 + int(part)
+        return seconds
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text)
+    if text and match:
+        hours, minutes, seconds = (int(group or 0) for group in match.groups())
+        return hours * 3600 + minutes * 60 + seconds
+    raise UsageError(f"{name} {text!r}: use seconds (5400), 90m, 1h30m or 01:30:00")
 
 
 def process_start_time() -> float:
@@ -215,6 +240,13 @@ class StopCheck:
             self.requests.request("deadline")
         asked = self.requests.reason is not None
         return self.agreement.at_step_boundary(asked) if at_step_boundary else self.agreement.now(asked)
+
+    def requested_with(self, save_due: bool) -> tuple[bool, bool]:
+        """(stop now?, save now?) at a step boundary: both agreed by every rank at the same step (a collective)."""
+        if self.deadline.reached(time.time()):
+            self.requests.request("deadline")
+        stop, save = self.agreement.flags_at_step_boundary((self.requests.reason is not None, save_due))
+        return stop, save
 
     def settle(self) -> None:
         """Before other collectives run or the process group is torn down."""

@@ -103,6 +103,8 @@ class TrainingState:
     # first log line after a resume averages exactly the steps it would have averaged.
     unlogged_loss_sums: list = dataclasses.field(default_factory=list)
     unlogged_steps: int = 0
+    # The library's Run: the values passed to run.step() since the last log line, summed (main process).
+    unlogged_values: dict = dataclasses.field(default_factory=dict)
     # The best evaluation so far (--metric_for_best_model) and the checkpoint that holds it.
     best_metric: float | None = None
     best_model_checkpoint: str | None = None
@@ -619,8 +621,14 @@ def software_record(device_type: str) -> dict:
     import importlib.metadata
     import platform
 
+    def installed_version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:  # a library user's environment need not have transformers or datasets
+            return None
+
     record = {"python": platform.python_version()}
-    record.update({name: importlib.metadata.version(name) for name in _PACKAGES})
+    record.update({name: installed_version(name) for name in _PACKAGES})
     record["device_type"] = device_type
     record["device_count"] = torch.cuda.device_count() if device_type == "cuda" else os.cpu_count()
     return record

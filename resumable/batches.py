@@ -1,0 +1,74 @@
+"""The batches of a run, epoch by epoch, from any optimizer step on: what makes a resume replay the same samples.
+
+    optimizer_steps_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, accumulation)
+                            the optimizer steps still to take in `epoch`, as lists of micro-batches;
+                            mid-epoch the batches already trained on are skipped without being loaded
+    resumability_problem(dataloader)
+                            why a data loader's order cannot be replayed after a resume (one line
+                            that says what to change), or None
+
+The order of an epoch is a function of the loader's seed and the epoch only: accelerate's
+SeedableRandomSampler (DataLoaderConfiguration(use_seedable_sampler=True)) draws epoch e's
+permutation from seed + e, and `set_epoch(e)` is called before each epoch, so a run resumed in
+epoch 3 neither replays epoch 0's order (accelerate#2016, #3242) nor counts the skipped batches
+again in the next epoch (#1451): the skip applies to the resumed epoch alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+
+def optimizer_steps_of_epoch(dataloader, epoch: int, steps_done_in_epoch: int, steps_to_take: int, accumulation: int):
+    """Yield lists of `accumulation` micro-batches: the optimizer steps still to take this epoch.
+
+    Mid-epoch (after a resume) the batches already trained on are skipped without being
+    loaded, so the next batch is the one the uninterrupted run took next.
+    """
+    from accelerate import skip_first_batches
+
+    from resumable import state
+
+    dataloader.set_epoch(epoch)  # the sample order is a function of (seed, epoch)
+    batches_to_skip = steps_done_in_epoch * accumulation
+    if batches_to_skip:
+        rng_before = state.capture_rng_state()
+        batches = iter(skip_first_batches(dataloader, batches_to_skip))
+        first = next(batches)
+        # Starting the skipping iterator drew from the global torch RNG, which the
+        # uninterrupted run did not do at this point: undo it, or dropout would differ.
+        state.restore_rng_state(rng_before)
+        batches = itertools.chain([first], batches)
+    else:
+        batches = iter(dataloader)
+    batches = itertools.islice(batches, steps_to_take * accumulation)
+    while step := list(itertools.islice(batches, accumulation)):
+        yield step
+
+
+def data_order_seed(dataloader) -> int | None:
+    """The seed the loader's shuffle starts from (recorded in each checkpoint, compared on resume); None if it does not shuffle."""
+    from accelerate.data_loader import SeedableRandomSampler
+
+    sampler = dataloader.get_sampler() if hasattr(dataloader, "get_sampler") else None
+    return int(sampler.initial_seed) if isinstance(sampler, SeedableRandomSampler) else None
+
+
+def resumability_problem(dataloader) -> str | None:
+    """Why `dataloader`'s batches cannot be replayed exactly from a step on, or None if they can."""
+    import torch
+    from accelerate.data_loader import DataLoaderDispatcher, DataLoaderShard, SeedableRandomSampler
+
+    if not isinstance(dataloader, (DataLoaderShard, DataLoaderDispatcher)):
+        return "pass the DataLoader through accelerator.prepare(...) first (the prepared one shards it and knows its epoch)"
+    if isinstance(dataloader.dataset, torch.utils.data.IterableDataset):
+        return "a stream (IterableDataset) cannot be resumed at its exact sample by run.batches yet; use a map-style Dataset (one with __len__ and __getitem__)"
+    sampler = dataloader.get_sampler()
+    if isinstance(sampler, torch.utils.data.RandomSampler) and not isinstance(sampler, SeedableRandomSampler):
+        return (
+            "its shuffle is not seeded per epoch, so a resumed run would see another order; build the Accelerator with "
+            "dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=SEED)"
+        )
+    if getattr(dataloader, "num_workers", 0) and getattr(dataloader, "persistent_workers", False):
+        return "persistent_workers=True keeps the workers of the epoch before a resume; pass persistent_workers=False"
+    return None

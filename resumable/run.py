@@ -1,0 +1,526 @@
+"""resumable.Run: a hand-written Accelerate loop that survives every interruption.
+
+    run = Run(accelerator, output_dir, max_steps=..., save_steps=...)   signals are caught from here on
+    run.register(ema=ema)            more state to checkpoint: anything with state_dict/load_state_dict
+    run.start()                      resume from the newest verified checkpoint, or start
+    for batch in run.batches(loader):    the micro-batches still to train, epoch after epoch
+        ...                              forward, backward, optimizer step (the user's own)
+        run.step(loss=loss)              once per optimizer step: count, log, save, maybe stop
+    sys.exit(run.finish(model))      the final model; 0 when complete, 75 when stopped early
+
+Guarantees (every rank calls every method, in the same order):
+- `checkpoint-N` holds the state after N optimizer steps, whatever the gradient accumulation.
+  A checkpoint is written by resumable/state.py's save_checkpoint: a temporary directory, every
+  file fsynced, the manifest (size and XXH3 of each file) last, an atomic rename. Old ones are
+  rotated away only after the new one is committed, and the newest is never deleted.
+- `start` takes OUTPUT_DIR's lock (one run per directory), removes what interrupted saves left,
+  and loads the newest checkpoint whose every byte matches its manifest; a damaged newer one is
+  moved aside with one line. Everything registered (the accelerator's prepared models,
+  optimizers, schedulers and data loaders, and `register`'s objects) must be what the checkpoint
+  holds: another set is refused, never loaded into the wrong object.
+- `batches` yields exactly the micro-batches an uninterrupted run would train on from here:
+  each epoch's order is drawn from (the loader's seed, the epoch), the batches of the resumed
+  epoch that were trained already are skipped without being loaded, and later epochs start whole.
+- A SIGINT, SIGTERM or SIGUSR1 (or `max_time`, or the SLURM job's end time coming near) stops
+  every rank at the same optimizer step, with a checkpoint of that step; `finish` then returns 75.
+  A second Ctrl+C aborts at once with 130; the previous checkpoint stays valid.
+- Misuse (an object registered after `start`, `step` skipped or called twice, the batches
+  iterated twice, a loader whose order cannot be replayed) ends the process with one line naming
+  the call and the fix, and exit 2. Nothing is written by a refused start.
+
+Exit codes (resumable.EXIT_*): 0 done · 2 bad use or input · 75 stopped early, run again · 130 aborted.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+from resumable import state
+from resumable.errors import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, UsageError
+
+FINAL_MODEL_NAME = "model.safetensors"
+ABORTED = "aborted"
+
+
+def _in_one_line(method):
+    """Expected failures of a public call end the process with one line (on the first process of each machine) and an exit code."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except UsageError as error:
+            self._refuse(f"error: {error}", EXIT_USAGE)
+        except (state.CheckpointError, state.NoValidCheckpoint) as error:
+            self._refuse(f"error: checkpoint: {error}", EXIT_USAGE)
+        except (state.NotEnoughDiskSpace, state.SaveFailed) as error:
+            self._refuse(f"error: {error}", EXIT_FAILED)
+
+    return guarded
+
+
+class Run:
+    """One training run in OUTPUT_DIR: where it starts, which batches it trains, when it saves and stops.
+
+    accelerator           an accelerate.Accelerator; on a machine without GPUs build it with cpu=True, or
+                          several processes are not a real process group
+    output_dir            checkpoints, trainer_state.json, the lock and the final model.safetensors
+    max_steps / num_epochs    how long to train: optimizer steps, or whole epochs of the first loader
+    save_steps            save every N optimizer steps (and at the last one)
+    save_minutes          and/or whenever this much wall time has passed since the last save
+    keep_last             keep the newest K checkpoints (never fewer than one complete one)
+    max_time              stop with a checkpoint before this much time since the process started
+                          (seconds, or '90m', '1h30m', '01:30:00'); a SLURM job's end time counts too
+    settings              the run's result-defining settings (learning rate, batch size, ...): recorded
+                          in each checkpoint; a resume with other values is refused with a table
+    allow_settings_change accept such a change knowingly (the result then differs from an uninterrupted run)
+    logging_steps         every N steps, the mean of the values passed to step() goes to trainer_state.json
+    """
+
+    def __init__(
+        self,
+        accelerator,
+        output_dir,
+        *,
+        max_steps: int | None = None,
+        num_epochs: float | None = None,
+        save_steps: int | None = 500,
+        save_minutes: float | None = None,
+        keep_last: int = 3,
+        max_time: float | str | None = None,
+        settings: dict | None = None,
+        allow_settings_change: bool = False,
+        logging_steps: int = 10,
+    ):
+        from resumable.stopping import StopRequests, parse_duration, process_start_time
+
+        self.accelerator = accelerator
+        self.output_dir = Path(output_dir)
+        self.is_main = accelerator.is_main_process
+        self._check_arguments(max_steps, num_epochs, save_steps, save_minutes, keep_last, logging_steps)
+        self.max_steps, self.num_epochs = max_steps, num_epochs
+        self.save_steps, self.save_minutes, self.keep_last = save_steps, save_minutes, keep_last
+        self.max_time = parse_duration(str(max_time), "max_time") if max_time is not None else None
+        self.settings = dict(settings or {})
+        self.allow_settings_change = allow_settings_change
+        self.logging_steps = logging_steps
+        self.started_at = process_start_time()  # max_time counts from the process's start, imports included
+        self.registered = {}  # name -> object with state_dict/load_state_dict, in registration order
+        self.progress = state.TrainingState(world_size=accelerator.num_processes)
+        self.log_history, self.run_history = [], []
+        self.started = self.stopped = self.complete = False
+        self.stop_reason = None
+        self.batches_started = False
+        self.micro_batches_in_step = 0
+        self.saved_step = None
+        self.last_save_at = time.monotonic()
+        self.step_began = None
+        self.metric_sums, self.metric_steps = {}, 0
+        self.steps_per_second = 0.0
+        self.lock = None
+        self.live = state.LiveState(self.output_dir)
+        # At once: a signal while the model loads must not kill the process either.
+        self.requests = StopRequests(on_abort=lambda: None)
+        self.requests.install()
+
+    # ------------------------------------------------------------------ what to checkpoint
+
+    @_in_one_line
+    def register(self, **objects) -> None:
+        """Checkpoint these objects too (an EMA, a second model's extra state, the user's counters), by name.
+
+        Each needs state_dict() and load_state_dict(); the state is saved from the main process.
+        The accelerator's prepared models, optimizers, schedulers and data loaders are checkpointed
+        without this. Call before start().
+        """
+        if self.started:
+            raise UsageError(f"run.register({', '.join(objects)}) after run.start(): register every object before run.start(), so that the resume loads it")
+        for name, thing in objects.items():
+            if not (callable(getattr(thing, "state_dict", None)) and callable(getattr(thing, "load_state_dict", None))):
+                raise UsageError(f"run.register({name}=...): a {type(thing).__name__} has no state_dict()/load_state_dict(); wrap it in an object that has both")
+            if name in self.registered:
+                raise UsageError(f"run.register({name}=...): {name!r} is registered already; give each object its own name")
+            self.registered[name] = thing
+            self.accelerator.register_for_checkpointing(thing)
+
+    # ------------------------------------------------------------------ start or resume
+
+    @_in_one_line
+    def start(self) -> "Run":
+        """Resume from the newest verified checkpoint in OUTPUT_DIR, or start at step 0. Every rank.
+
+        Prints what it does (🆕 Starting new training / 🔄 Found checkpoint / ✅ Resumed). Call after
+        accelerator.prepare(...) and register(...), before batches().
+        """
+        if self.started:
+            raise UsageError("run.start() called twice: call it once, before the loop")
+        self.started = True
+        say = self.accelerator.print
+        decision = self._decide_on_every_rank()
+        for note in decision["notes"]:
+            say(note)
+        self.run_history = decision["run_history"]
+        checkpoint = decision["checkpoint"]
+        if checkpoint is None:
+            say("🆕 Starting new training")
+        else:
+            self._check_against_checkpoint(Path(checkpoint))
+            for note in state.software_changes(checkpoint, self.accelerator.device.type):
+                say(note)
+            say(f"🔄 Found checkpoint: {Path(checkpoint).name}")
+            saved, self.log_history, _ = state.load_checkpoint(self.accelerator, checkpoint)
+            self.progress.global_step = saved.global_step
+            self.saved_step = saved.global_step
+            # The log line after a resume averages exactly the steps the uninterrupted run's line did.
+            self.metric_sums, self.metric_steps = dict(saved.unlogged_values), saved.unlogged_steps
+            say(f"✅ Resumed from checkpoint (step {self.progress.global_step})")
+        self.run_history = self.run_history + [{
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": self.progress.global_step, "world_size": self.accelerator.num_processes,
+            "event": "resume" if checkpoint else "start", "previous_stop": (decision["previous_stop"] or "killed or crashed") if checkpoint else None,
+        }]  # fmt: skip
+        self._start_stopping()
+        self.objects_at_start = self._objects_record()
+        return self
+
+    def _decide_on_every_rank(self) -> dict:
+        """The main process takes the lock, tidies up and chooses the checkpoint; every rank gets its answer."""
+        from accelerate.utils import broadcast_object_list
+
+        decision = [self._decide_on_main_process() if self.is_main else None]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(decision)
+        decision = decision[0]
+        if decision["error"]:
+            raise UsageError(decision["error"])
+        return decision
+
+    def _decide_on_main_process(self) -> dict:
+        decision = {"error": None, "notes": [], "checkpoint": None, "run_history": [], "previous_stop": None}
+        self.lock = state.OutputDirLock(self.output_dir)
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()  # held until the process ends; the kernel drops it however it ends
+        except state.OutputDirBusy as busy:
+            return {**decision, "error": f"{self.output_dir} is in use by another run ({busy}); wait for it or choose another output_dir"}
+        except OSError as error:
+            return {**decision, "error": f"output_dir {self.output_dir}: {error.strerror}"}
+        for leftover in state.clean_leftovers(self.output_dir):
+            interrupted = "deletion" if leftover.name.startswith(state.DELETING_PREFIX) else "save"
+            decision["notes"].append(f"🧹 Removed {leftover.name}, left by a {interrupted} that was interrupted")
+        try:
+            chosen = state.newest_valid_checkpoint(self.output_dir, warn=decision["notes"].append)
+        except state.NoValidCheckpoint as none_valid:
+            return {**decision, "error": f"no valid checkpoint in {self.output_dir} ({none_valid}); fix or move them, or choose another output_dir to start fresh"}
+        live = state.read_live_state(self.output_dir) or {}
+        decision["run_history"] = live.get("run_history", []) if chosen else []
+        decision["previous_stop"] = live.get("stop_reason")
+        decision["checkpoint"] = str(chosen) if chosen else None
+        return decision
+
+    def _objects_record(self) -> dict:
+        """What this run checkpoints: how many of each prepared kind, and the registered names in order."""
+        accelerator = self.accelerator
+        return {
+            "models": len(accelerator._models), "optimizers": len(accelerator._optimizers), "schedulers": len(accelerator._schedulers),
+            "dataloaders": len(accelerator._dataloaders), "registered": list(self.registered),
+        }  # fmt: skip
+
+    def _run_record(self) -> dict:
+        """training_args.json of each checkpoint: the settings, the objects, the data order and the step's meaning."""
+        from resumable.batches import data_order_seed
+
+        return {
+            "settings": self.settings, "objects": self._objects_record(),
+            "data_order_seeds": [data_order_seed(loader) for loader in self.accelerator._dataloaders],
+            "gradient_accumulation_steps": self.accelerator.gradient_accumulation_steps, "world_size": self.accelerator.num_processes,
+        }  # fmt: skip
+
+    def _check_against_checkpoint(self, checkpoint: Path) -> None:
+        """Refuse another set of objects, data order or settings than the checkpoint's (before anything is loaded)."""
+        from resumable.settings import refuse_changed_settings
+
+        recorded = state.read_training_args(checkpoint)
+        now = self._run_record()
+        if recorded.get("objects") != now["objects"]:
+            raise UsageError(
+                f"{checkpoint.name} holds {describe_objects(recorded.get('objects') or {})}, this run has {describe_objects(now['objects'])}: "
+                "prepare and register the same objects, in the same order, as the run that wrote it (or choose another output_dir to start fresh)"
+            )
+        if recorded.get("world_size") != now["world_size"]:
+            raise UsageError(
+                f"{checkpoint.name} was written by {recorded.get('world_size')} process(es), this run has {now['world_size']}: "
+                "resume with the same number of processes (or choose another output_dir to start fresh)"
+            )
+        seeds_then, seeds_now = recorded.get("data_order_seeds"), now["data_order_seeds"]
+        if seeds_then != seeds_now:
+            raise UsageError(
+                f"the data loaders' shuffle seeds {seeds_now} differ from the checkpoint's {seeds_then}, so the resumed batches would not be "
+                "the ones the run skipped: seed them (DataLoaderConfiguration(use_seedable_sampler=True, data_seed=SEED), or "
+                "accelerate.utils.set_seed(SEED) before accelerator.prepare)"
+            )
+        before, current = recorded.get("settings") or {}, self.settings
+        changed = [name for name in sorted(set(before) | set(current), key=str) if before.get(name) != current.get(name)]
+        if self.allow_settings_change:
+            if changed:
+                self.accelerator.print(f"⚠️  allow_settings_change: {', '.join(map(str, changed))} differ from the checkpoint; the result will differ from an uninterrupted run")
+            return
+        refuse_changed_settings(changed, before, current, "settings", "", "Run with the checkpoint's values, or pass allow_settings_change=True to accept the change knowingly.")
+
+    def _start_stopping(self) -> None:
+        from resumable.stopping import Deadline, StopCheck
+
+        parameter_bytes = sum(p.numel() * p.element_size() for model in self.accelerator._models for p in model.parameters() if p.requires_grad)
+        estimated_save_seconds = 1.0 + 3 * parameter_bytes / 100e6  # weights + two Adam moments at ~100 MB/s, until a save is measured
+        self.deadline = Deadline(self.max_time, self.started_at, estimated_save_seconds)
+        if self.deadline.at is not None:
+            self.accelerator.print(f"⏰ Will stop with a checkpoint before {self.deadline.describe()}")
+        self.stopping = StopCheck(self.requests, self.accelerator.num_processes, self.deadline)
+
+    # ------------------------------------------------------------------ the batches
+
+    def batches(self, dataloader):
+        """The micro-batches still to train, epoch after epoch, until max_steps (or num_epochs) or a stop.
+
+        Each yielded item is what the prepared loader yields. With gradient accumulation
+        (Accelerator(gradient_accumulation_steps=K)) an optimizer step takes K of them, and
+        run.step() is called once after the K-th (when accelerator.sync_gradients is True).
+        """
+        self._check_batches_may_begin(dataloader)
+        return self._micro_batches(dataloader)
+
+    @_in_one_line
+    def _check_batches_may_begin(self, dataloader) -> None:
+        from resumable.batches import resumability_problem
+
+        if not self.started:
+            raise UsageError("run.batches(...) before run.start(): call run.start() first, so that the batches begin at the resumed step")
+        if self.batches_started:
+            raise UsageError("run.batches(...) started a second time: iterate it once; it runs every remaining epoch by itself")
+        if problem := resumability_problem(dataloader):
+            raise UsageError(f"run.batches(dataloader): {problem}")
+        if dataloader not in self.accelerator._dataloaders:
+            raise UsageError("run.batches(dataloader): pass the loader that accelerator.prepare(...) returned")
+        self.batches_started = True
+        self.accumulation = self.accelerator.gradient_accumulation_steps
+        self.steps_per_epoch = len(dataloader) // self.accumulation
+        if self.steps_per_epoch == 0:
+            raise UsageError(f"run.batches(dataloader): one epoch has {len(dataloader)} batches on each process, fewer than one optimizer step of {self.accumulation}")
+        total = self.max_steps if self.max_steps is not None else int(self.num_epochs * self.steps_per_epoch + 0.999999)
+        self.progress.total_steps, self.progress.steps_per_epoch = total, self.steps_per_epoch
+        self.progress.gradient_accumulation_steps = self.accumulation
+        self.progress.per_device_train_batch_size = getattr(dataloader, "batch_size", None) or 0
+        self.progress.global_batch_size = self.progress.per_device_train_batch_size * self.accumulation * self.accelerator.num_processes
+        if self.progress.global_step >= total:
+            self.accelerator.print(f"✅ Training is already complete ({self.progress.global_step} of {total} steps); nothing to do")
+
+    def _micro_batches(self, dataloader):
+        from resumable.batches import optimizer_steps_of_epoch
+
+        if self.stopping.requested(at_step_boundary=False):  # signalled while loading: the last checkpoint stands
+            self._stop_here()
+            return
+        self.step_began = self.last_log_at = time.monotonic()
+        while not self.stopped and self.progress.global_step < self.progress.total_steps:
+            epoch, steps_done_in_epoch = divmod(self.progress.global_step, self.steps_per_epoch)
+            steps_to_take = min(self.steps_per_epoch - steps_done_in_epoch, self.progress.total_steps - self.progress.global_step)
+            for micro_batches in optimizer_steps_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, self.accumulation):
+                for batch in micro_batches:
+                    if self.micro_batches_in_step == self.accumulation:
+                        self._refuse(f"error: run.step() was not called after step {self.progress.global_step + 1}'s {self.accumulation} micro-batch(es): call it once after each optimizer step", EXIT_USAGE)
+                    self.micro_batches_in_step += 1
+                    yield batch
+                if self.stopped:
+                    return
+        if self.micro_batches_in_step:
+            self._refuse(f"error: run.step() was not called after step {self.progress.global_step + 1}'s micro-batches: call it once after each optimizer step", EXIT_USAGE)
+
+    # ------------------------------------------------------------------ the per-step call
+
+    @_in_one_line
+    def step(self, **values) -> bool:
+        """Once after each optimizer step, every rank: count it, log `values`, save when due, stop when asked.
+
+        Returns True when the loop is to end here (a stop, or the last step): the batches end by
+        themselves, so a loop that ignores it is right too. Values (floats or tensors, e.g. loss=)
+        are averaged over the steps between log lines in trainer_state.json, from the main process.
+        """
+        if not self.batches_started:
+            raise UsageError("run.step() before any batch: iterate run.batches(loader) and call run.step() after each optimizer step")
+        if self.micro_batches_in_step != self.accumulation:
+            twice = self.micro_batches_in_step == 0
+            raise UsageError(
+                f"run.step() {'called twice in one step' if twice else f'after {self.micro_batches_in_step} of the {self.accumulation} micro-batches of a step'}: "
+                "call it once per optimizer step (with accumulation, when accelerator.sync_gradients is True)"
+            )
+        self.micro_batches_in_step = 0
+        progress = self.progress
+        progress.global_step += 1
+        for name, value in values.items():
+            self.metric_sums[name] = self.metric_sums.get(name, 0.0) + (value.detach() if hasattr(value, "detach") else float(value))
+        self.metric_steps += 1
+        now = time.monotonic()
+        self.deadline.record_step(now - self.step_began)
+        self.step_began = now
+        last_step = progress.global_step >= progress.total_steps
+        if progress.global_step % self.logging_steps == 0 or last_step:
+            self._log()
+        save_due = self.save_minutes is not None and now - self.last_save_at >= self.save_minutes * 60
+        stop, save_due = self.stopping.requested_with(save_due)
+        if stop:
+            self._stop_here()
+            return True
+        if last_step or save_due or (self.save_steps and progress.global_step % self.save_steps == 0):
+            self._save("final step" if last_step else "every save_minutes" if save_due else "every save_steps")
+        return last_step
+
+    def _log(self) -> None:
+        if not self.metric_steps:
+            return
+        entry = {"step": self.progress.global_step, "epoch": round(self.progress.epoch, 4)}
+        entry.update({name: round(float(total) / self.metric_steps, 6) for name, total in self.metric_sums.items()})
+        self.log_history.append(entry)
+        now = time.monotonic()
+        self.steps_per_second = self.metric_steps / max(now - self.last_log_at, 1e-9)
+        self.metric_sums, self.metric_steps, self.last_log_at = {}, 0, now
+        if self.is_main:
+            self.live.write_if_due(self.progress, self.log_history, self.run_history, steps_per_second=round(self.steps_per_second, 3))
+
+    def _save(self, reason: str) -> None:
+        """Every rank: checkpoint-<global_step>, committed, then the old ones rotated away (main process)."""
+        if self.saved_step == self.progress.global_step:
+            return  # this exact state is on disk already
+        if self._objects_record() != self.objects_at_start:
+            raise UsageError("accelerator.prepare(...) or accelerator.register_for_checkpointing(...) after run.start(): prepare and register everything before run.start()")
+        self.progress.unlogged_values = {name: float(total) for name, total in self.metric_sums.items()}
+        self.progress.unlogged_steps = self.metric_steps
+        began = time.monotonic()
+        path = state.save_checkpoint(self.accelerator, self.accelerator._models[0] if self.accelerator._models else None, self.output_dir,
+                                     self.progress, self.log_history, self.run_history, self._run_record())  # fmt: skip
+        seconds = time.monotonic() - began
+        self.saved_step = self.progress.global_step
+        self.last_save_at = time.monotonic()
+        self.deadline.save_seconds = seconds
+        if self.is_main:
+            deleted = state.rotate_checkpoints(self.output_dir, self.keep_last, in_background=True)
+            gone = f", removed {', '.join(p.name for p in deleted)}" if deleted else ""
+            print(f"💾 Saved {path.name} ({reason}, {seconds:.2f}s{gone})", flush=True)
+            self.live.write(self.progress, self.log_history, self.run_history, steps_per_second=round(self.steps_per_second, 3))
+
+    def _stop_here(self) -> None:
+        """Every rank, at the same step boundary: save this step and end the batches."""
+        self.stopped = True
+        self.stop_reason = self.stopping.reason
+        self.accelerator.print(f"\n🛑 Stopping at step {self.progress.global_step}: {self.stop_reason}")
+        if self.progress.global_step > 0:
+            self._save(self.stop_reason)
+        self.stopping.settle()
+
+    # ------------------------------------------------------------------ the end
+
+    @_in_one_line
+    def finish(self, models=None) -> int:
+        """Every rank: end the run; returns the exit code (0 complete, 75 stopped early: run again).
+
+        When complete, the final weights go to OUTPUT_DIR/model.safetensors, written atomically:
+        `models` is one model (its state dict as is) or a dict {name: model} (keys prefixed `name.`).
+        """
+        if not self.started:
+            raise UsageError("run.finish() before run.start(): call run.start(), then iterate run.batches(loader)")
+        code = self._finish(models)
+        self.requests.ignore_from_now()  # a stop signal arriving during exit must not kill a finished run
+        return code
+
+    def _finish(self, models) -> int:
+        say = self.accelerator.print
+        if self.stopped:
+            if self.is_main:
+                state.wait_for_deletions()
+                self.live.write(self.progress, self.log_history, self.run_history, stop_reason=self.stop_reason)
+            say("▶️  To continue, run the same command again.")
+            return EXIT_STOPPED_EARLY
+        if not self.batches_started or self.progress.global_step < self.progress.total_steps:
+            raise UsageError(f"run.finish() at step {self.progress.global_step} of {self.progress.total_steps or '?'}: iterate run.batches(loader) to its end first")
+        self.stopping.settle()
+        self._save("final step")
+        named = models if isinstance(models, dict) else ({"": models} if models is not None else {})
+        weights = {}
+        for name, model in named.items():
+            for key, tensor in self.accelerator.get_state_dict(model).items():  # a collective under FSDP / ZeRO-3: every rank
+                weights[f"{name}.{key}" if name else key] = tensor
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            if weights:
+                write_weights_atomically(weights, self.output_dir / FINAL_MODEL_NAME)
+            state.wait_for_deletions()  # a failed deletion of an old checkpoint is reported, not lost at exit
+            self.live.write(self.progress, self.log_history, self.run_history, stop_reason="complete", training_complete=True)
+            print(f"🏁 Training complete: {self.progress.total_steps} steps. Final model in {self.output_dir}", flush=True)
+        self.accelerator.wait_for_everyone()
+        self.complete = True
+        return EXIT_DONE
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps completed (a resumed run counts on from its checkpoint's)."""
+        return self.progress.global_step
+
+    @property
+    def epoch(self) -> float:
+        return self.progress.epoch
+
+    # ------------------------------------------------------------------ helpers
+
+    def _refuse(self, line: str, code: int):
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(line, file=sys.stderr, flush=True)
+        self.requests.ignore_from_now()
+        raise SystemExit(code)
+
+    @staticmethod
+    def _check_arguments(max_steps, num_epochs, save_steps, save_minutes, keep_last, logging_steps) -> None:
+        def refuse(message):
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"error: resumable.Run(...): {message}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_USAGE)
+
+        if (max_steps is None) == (num_epochs is None):
+            refuse("give max_steps or num_epochs (one of them)")
+        if max_steps is not None and max_steps <= 0 or num_epochs is not None and num_epochs <= 0:
+            refuse("max_steps and num_epochs must be positive")
+        if save_steps is not None and save_steps <= 0 or save_minutes is not None and save_minutes <= 0:
+            refuse("save_steps and save_minutes must be positive (or None for never)")
+        if keep_last < 1:
+            refuse("keep_last must be at least 1: the newest checkpoint is what a resume needs")
+        if logging_steps < 1:
+            refuse("logging_steps must be at least 1")
+
+
+def describe_objects(record: dict) -> str:
+    kinds = [f"{record.get(kind, 0)} {kind[:-1]}(s)" for kind in ("models", "optimizers", "schedulers", "dataloaders")]
+    registered = record.get("registered") or []
+    return ", ".join(kinds) + (f" and registered {registered}" if registered else " and nothing registered")
+
+
+def write_weights_atomically(weights: dict, path: Path) -> None:
+    """safetensors file at `path`: written beside it, fsynced, renamed. Tensors that share memory (tied weights) are copied."""
+    from safetensors.torch import save_file
+
+    seen, tensors = set(), {}
+    for key, tensor in weights.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.untyped_storage().data_ptr() in {p for p, _ in seen}:
+            tensor = tensor.clone()  # safetensors refuses shared storage; the bytes are the same
+        seen.add(pointer)
+        tensors[key] = tensor
+    temporary = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(temporary), metadata={"format": "pt"})
+    state._fsync_path(temporary)
+    os.replace(temporary, path)
+    state._fsync_path(path.parent)
+
+
+__all__ = ["Run", "EXIT_DONE", "EXIT_FAILED", "EXIT_USAGE", "EXIT_STOPPED_EARLY", "EXIT_ABORTED"]

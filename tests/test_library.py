@@ -1,0 +1,239 @@
+"""The library in a user's own loop (examples/digits_classifier.py): killed, signalled, damaged and misused, as the real program."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import PYTHON, REPO, Training, file_digest, train
+from test_multiprocess import ACCELERATE_LAUNCH
+
+EXAMPLE_HARNESS = str(REPO / "tests" / "example_harness.py")
+DIGITS = str(REPO / "examples" / "digits_classifier.py")
+ONE_PROCESS = [PYTHON, EXAMPLE_HARNESS, DIGITS]
+TWO_PROCESSES = [*ACCELERATE_LAUNCH, "--config_file", str(REPO / "accelerate_config.yaml"), "--multi_gpu", "--num_processes", "2", EXAMPLE_HARNESS, DIGITS]
+# 1500 images / 32 per batch = 46 steps per epoch on one process, 23 on two: 600 steps cross many epoch boundaries.
+FLAGS = ["--max_steps", "600", "--save_steps", "20"]
+LAYOUTS = pytest.mark.parametrize("launcher", [ONE_PROCESS, TWO_PROCESSES], ids=["1-process", "2-processes"])
+
+
+def log_history(output_dir):
+    return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+
+
+@LAYOUTS
+def test_digits_killed_inside_and_between_saves_and_stopped_ends_byte_identical(tmp_path, session_env, reference_runs, launcher):
+    reference = reference_runs(FLAGS, launcher=launcher)
+    output_dir = tmp_path / "run"
+
+    # kill -9 a moment after a save, wherever the loop then is
+    run = Training(session_env, output_dir, FLAGS, launcher=launcher)
+    run.wait_for(r"💾 Saved checkpoint-100 ")
+    time.sleep(random.uniform(0.0, 0.3))
+    run.signal_group()
+    assert run.finish() == -9
+
+    # kill -9 inside a save: every file written, the manifest (the commit) not yet
+    killed = train(session_env, output_dir, FLAGS, launcher=launcher, harness_env={"EXAMPLE_KILL_IN_SAVE": "240"})
+    assert killed.returncode != 0 and (output_dir / ".tmp-checkpoint-240").is_dir(), killed.stdout + killed.stderr
+    assert not (output_dir / "checkpoint-240").exists() and (output_dir / "checkpoint-220" / "manifest.json").is_file()
+
+    # SIGTERM to the process we started, as `kill` does: a checkpoint at the step it stops at, exit 75.
+    # (accelerate launch's own agent exits 1 on SIGTERM after its ranks exit 75: launch.sh's supervisor is what turns that into 75.)
+    run = Training(session_env, output_dir, FLAGS, launcher=launcher)
+    run.wait_for(r"🔄 Found checkpoint: checkpoint-220")
+    run.wait_for(r"💾 Saved checkpoint-280 ")
+    run.process.send_signal(signal.SIGTERM)
+    code = run.finish()
+    assert code == 75 if launcher is ONE_PROCESS else code in (75, 1), run.text
+    assert "🧹 Removed .tmp-checkpoint-240, left by a save that was interrupted" in run.text
+    stopped_at = int(run.text.split("🛑 Stopping at step ")[1].split(":")[0])
+    assert (output_dir / f"checkpoint-{stopped_at}" / "manifest.json").is_file()
+
+    final = train(session_env, output_dir, FLAGS, launcher=launcher)
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert f"✅ Resumed from checkpoint (step {stopped_at})" in final.stdout
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+    assert log_history(output_dir) == log_history(reference)  # the same losses logged at the same steps, none twice
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=["SIGINT", "SIGTERM", "SIGUSR1"])
+def test_a_signal_saves_the_current_step_and_exits_75(tmp_path, session_env, number):
+    output_dir = tmp_path / "run"
+    run = Training(session_env, output_dir, ["--max_steps", "100000", "--save_steps", "50"], launcher=ONE_PROCESS)
+    run.wait_for(r"💾 Saved checkpoint-100 ")
+    run.process.send_signal(number)
+    assert run.finish() == 75, run.text
+    stopped_at = int(run.text.split("🛑 Stopping at step ")[1].split(":")[0])
+    assert f"🛑 Stopping at step {stopped_at}: {number.name}" in run.text
+    assert f"💾 Saved checkpoint-{stopped_at} ({number.name}" in run.text or stopped_at % 50 == 0
+    assert (output_dir / f"checkpoint-{stopped_at}" / "manifest.json").is_file()
+    assert "▶️  To continue, run the same command again." in run.text
+
+
+def test_a_deadline_stops_with_a_checkpoint_before_it(tmp_path, session_env):
+    end = int(time.time()) + 25
+    result = train({**session_env, "SLURM_JOB_END_TIME": str(end)}, tmp_path / "run", ["--max_steps", "1000000", "--save_steps", "1000"], launcher=ONE_PROCESS)
+    ended = time.time()
+    assert result.returncode == 75, result.stdout + result.stderr
+    stopped_at = int(result.stdout.split("🛑 Stopping at step ")[1].split(":")[0])
+    assert "⏰ Will stop with a checkpoint before" in result.stdout and ": deadline" in result.stdout
+    committed_at = (tmp_path / "run" / f"checkpoint-{stopped_at}" / "manifest.json").stat().st_mtime
+    assert committed_at < end, f"the stop's checkpoint was committed {committed_at - end:.1f} s after the deadline"
+    assert ended < end + 5, f"exited {ended - end:.1f} s after the deadline"  # a scheduler's SIGKILL comes later still (SLURM's KillWait, 30 s)
+
+
+def test_a_flipped_byte_in_the_newest_checkpoint_is_passed_over_in_one_line(tmp_path, session_env, reference_runs):
+    reference = reference_runs(FLAGS, launcher=ONE_PROCESS)
+    output_dir = tmp_path / "run"
+    run = Training(session_env, output_dir, FLAGS, launcher=ONE_PROCESS)
+    run.wait_for(r"💾 Saved checkpoint-300 ")
+    run.signal_group()
+    run.finish()
+    newest = max((path for path in output_dir.glob("checkpoint-*") if (path / "manifest.json").is_file()), key=lambda p: int(p.name.split("-")[1]))
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    final = train(session_env, output_dir, FLAGS, launcher=ONE_PROCESS)
+    assert final.returncode == 0, final.stdout + final.stderr
+    warnings = [line for line in final.stdout.splitlines() if "is damaged" in line]
+    assert len(warnings) == 1 and f"{newest.name} is damaged (model.safetensors: checksum mismatch); moved aside to {newest.name}.corrupt" in warnings[0], final.stdout
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+
+
+def test_status_reads_a_library_run(tmp_path, session_env, reference_runs):
+    reference = reference_runs(FLAGS, launcher=ONE_PROCESS)
+    result = subprocess.run([PYTHON, "status.py", "--output_dir", str(reference)], cwd=REPO, env=session_env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "600" in result.stdout and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------- misuse: one line naming the call and the fix, exit 2
+
+LOOP = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+import resumable
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+
+class Counter:
+    def __init__(self): self.count = 0
+    def state_dict(self): return {{"count": self.count}}
+    def load_state_dict(self, state): self.count = state["count"]
+
+set_seed(0)
+accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler={seedable}, data_seed=0))
+model = torch.nn.Linear(4, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
+model, optimizer, prepared = accelerator.prepare(model, optimizer, loader)
+run = resumable.Run(accelerator, sys.argv[1], max_steps=6, save_steps=2, settings={{"lr": {lr}}})
+{before_start}
+run.start()
+{after_start}
+for x, y in run.batches({loader}):
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+    {per_step}
+{after_loop}
+sys.exit(run.finish(model))
+"""
+PLAIN = dict(seedable=True, lr=0.1, before_start="", after_start="", loader="prepared", per_step="run.step(loss=loss)", after_loop="")
+
+
+def run_loop(tmp_path, output_dir, **changes):
+    script = tmp_path / "loop.py"
+    script.write_text(textwrap.dedent(LOOP.format(repo=str(REPO), **{**PLAIN, **changes})))
+    return subprocess.run([PYTHON, str(script), str(output_dir)], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+MISUSE = {
+    "register after start": (dict(after_start="run.register(counter=Counter())"), "error: run.register(counter) after run.start(): register every object before run.start()"),
+    "step twice": (dict(per_step="run.step(); run.step()"), "error: run.step() called twice in one step: call it once per optimizer step"),
+    "step skipped": (dict(per_step="pass"), "error: run.step() was not called after step 1's 1 micro-batch(es): call it once after each optimizer step"),
+    "batches twice": (dict(after_loop="run.batches(prepared)"), "error: run.batches(...) started a second time: iterate it once"),
+    "not prepared": (dict(loader="loader"), "error: run.batches(dataloader): pass the DataLoader through accelerator.prepare(...) first"),
+    "unseeded shuffle": (dict(seedable=False), "error: run.batches(dataloader): its shuffle is not seeded per epoch, so a resumed run would see another order; build the Accelerator with dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True"),
+    "no object": (dict(before_start="run.register(counter=[])"), "error: run.register(counter=...): a list has no state_dict()/load_state_dict()"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISUSE))
+def test_misuse_gets_one_line_naming_the_call_and_exit_2(tmp_path, case):
+    changes, expected = MISUSE[case]
+    result = run_loop(tmp_path, tmp_path / "out", **changes)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
+
+
+def test_a_checkpoint_of_other_objects_or_settings_is_refused_with_what_differs(tmp_path):
+    output_dir = tmp_path / "out"
+    first = run_loop(tmp_path, output_dir, before_start="run.register(counter=Counter())", per_step="run.step(); sys.exit(75) if run.global_step == 4 else None")
+    assert first.returncode == 75 and (output_dir / "checkpoint-4" / "manifest.json").is_file(), first.stdout + first.stderr
+
+    other_objects = run_loop(tmp_path, output_dir)
+    assert other_objects.returncode == 2 and "Traceback" not in other_objects.stderr, other_objects.stderr
+    assert other_objects.stderr.strip().splitlines()[-1] == (
+        "error: checkpoint-4 holds 1 model(s), 1 optimizer(s), 0 scheduler(s), 1 dataloader(s) and registered ['counter'], this run has "
+        "1 model(s), 1 optimizer(s), 0 scheduler(s), 1 dataloader(s) and nothing registered: prepare and register the same objects, in the "
+        "same order, as the run that wrote it (or choose another output_dir to start fresh)"
+    )
+
+    other_settings = run_loop(tmp_path, output_dir, before_start="run.register(counter=Counter())", lr=0.5)
+    assert other_settings.returncode == 2 and "Traceback" not in other_settings.stderr, other_settings.stderr
+    assert "error: these settings differ from the checkpoint and would change the result:" in other_settings.stderr
+    assert "lr | 0.1 | 0.5" in [" ".join(line.split()) for line in other_settings.stderr.splitlines()], other_settings.stderr
+
+    same = run_loop(tmp_path, output_dir, before_start="run.register(counter=Counter())")
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "✅ Resumed from checkpoint (step 4)" in same.stdout and "🏁 Training complete: 6 steps" in same.stdout
+
+
+def test_import_resumable_loads_none_of_the_cli_libraries_and_costs_little():
+    probe = "import sys, time; t = time.perf_counter(); import resumable; print(time.perf_counter() - t); print(sorted(m for m in ('torch', 'transformers', 'datasets', 'peft', 'accelerate', 'obstore') if m in sys.modules))"
+    result = subprocess.run([PYTHON, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    seconds, loaded = result.stdout.splitlines()
+    assert loaded == "[]", loaded
+    assert float(seconds) < 0.1, seconds
+
+
+def test_pip_install_of_the_checkout_into_a_fresh_venv_runs_the_example_outside_the_checkout(tmp_path):
+    """A user's own environment: no launch.sh, no .venv, no transformers; torch is there already, as it would be."""
+    venv = tmp_path / "venv"
+    python = str(venv / "bin" / "python")
+
+    def pip(*arguments):
+        result = subprocess.run([python, "-m", "pip", "install", "--quiet", *arguments], capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    pip("torch==2.13.0")  # the CPU build (requirements.txt's pin); a plain `torch` would pull CUDA's
+    pip(str(REPO), "scikit-learn==1.9.1")
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    environment = {name: value for name, value in os.environ.items() if name not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    environment["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run([python, str(REPO / "examples" / "digits_classifier.py"), "--output_dir", "D", "--max_steps", "60", "--save_steps", "30"],
+                            cwd=away, env=environment, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (away / "D" / "model.safetensors").is_file() and "🏁 Training complete: 60 steps" in result.stdout
+
+    probe = "import sys, resumable; print(resumable.__file__); print(sorted(m for m in ('transformers', 'datasets', 'peft', 'torch') if m in sys.modules))"
+    imported = subprocess.run([python, "-c", probe], cwd=away, env=environment, capture_output=True, text=True, timeout=120)
+    where, loaded = imported.stdout.splitlines()
+    assert where.startswith(str(venv)) and loaded == "[]", imported.stdout + imported.stderr
+    installed = subprocess.run([python, "-m", "pip", "list", "--format", "freeze"], capture_output=True, text=True, timeout=120).stdout.lower()
+    assert not any(f"{name}==" in installed for name in ("transformers", "datasets", "peft")), installed
