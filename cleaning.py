@@ -25,7 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import backup
+from resumable import backup
 from resumable import state
 from resumable.errors import EXIT_DONE, EXIT_FAILED, EXIT_USAGE
 

@@ -181,7 +181,7 @@ class TrainingConfig:
             raise UsageError(f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such checkpoint directory")
 
     def _validate_backup(self) -> None:
-        from backup import url_problem
+        from resumable.backup import url_problem
 
         if problem := url_problem(self.backup_to):
             raise UsageError(problem)

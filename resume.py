@@ -13,7 +13,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-import backup
+from resumable import backup
 from resumable import state
 from config import EXIT_DONE, EXIT_FAILED, EXIT_USAGE, TrainingConfig, UsageError
 from resumable.state import TrainingState

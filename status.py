@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-import backup
+from resumable import backup
 import data
 import identity
 from resumable import state

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-import backup
+from resumable import backup
 import lora
 import resume
 from resumable import state
@@ -107,7 +107,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     trackers = Trackers(accelerator, config, progress, decision.checkpoint_state)  # the same W&B / MLflow run on every resume
     log = TrainingLog(accelerator, progress, log_history, run_history, Path(config.output_dir), trackers)
     saver = CheckpointSaver(accelerator, model, config, run_args, deadline, log, saved_step=progress.global_step if decision.checkpoint else None)
-    saver.backup = backup.start_uploader(accelerator, config, progress)  # --backup_to: copies each checkpoint in the background
+    saver.backup = backup.start_uploader(accelerator, config.backup_to, Path(config.output_dir), config.backup_total_limit or config.save_total_limit, lambda: progress.best_model_checkpoint)  # copies each checkpoint in the background
 
     # ---- the loop
     model.train()  # from_pretrained returns a model in eval mode: dropout would be off
@@ -153,7 +153,7 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     write_final_model(accelerator, model, tokenizer, config, progress, log)
     accelerator.wait_for_everyone()
     finish_trackers(accelerator)  # the process group is left later, in run_cli, once the model is gone
-    return backup.finish(saver.backup, config, progress.global_step, EXIT_DONE, EXIT_FAILED)  # 0 only once --backup_to holds the final model
+    return backup.finish(saver.backup, config.backup_timeout, progress.global_step, EXIT_DONE, EXIT_FAILED)  # 0 only once --backup_to holds the final model
 
 
 def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm, seeds):
@@ -190,7 +190,7 @@ def stop_early(accelerator, stopping: StopCheck, saver: CheckpointSaver, log: Tr
     log.write_live_state(stop_reason=stopping.reason)
     accelerator.print("▶️  To continue, run the same command again.")
     finish_trackers(accelerator)  # the process group is left later, in run_cli, once the model is gone
-    backup.wait_at_stop(saver.backup, saver.config)  # the stop's checkpoint to --backup_to (a requeued job may land elsewhere)
+    backup.wait_at_stop(saver.backup, saver.config.backup_timeout)  # the stop's checkpoint to --backup_to (a requeued job may land elsewhere)
     return EXIT_STOPPED_EARLY
 
 

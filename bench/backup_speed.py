@@ -39,7 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE))
 
-import backup  # noqa: E402
+from resumable import backup  # noqa: E402
 from resumable import state  # noqa: E402
 
 

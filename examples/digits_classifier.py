@@ -54,6 +54,8 @@ def main() -> int:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--per_device_train_batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_time", default=None, help="stop with a checkpoint before this much time: 5400, 90m, 1h30m")
+    parser.add_argument("--backup_to", default=None, help="also keep checkpoints in this folder or s3://bucket/prefix (pip install obstore)")
     args = parser.parse_args()
 
     from sklearn.datasets import load_digits
@@ -62,6 +64,7 @@ def main() -> int:
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # with no GPU, this makes several processes real gloo ranks
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),  # each epoch's order from (seed, epoch)
+        step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, on any number of processes
     )
     images, labels = load_digits(return_X_y=True)
     train, validation = Digits(images[:1500], labels[:1500]), Digits(images[1500:], labels[1500:])
@@ -71,8 +74,9 @@ def main() -> int:
     train_loader = torch.utils.data.DataLoader(train, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
 
-    settings = {name: value for name, value in vars(args).items() if name not in ("output_dir", "save_steps")}  # resumable
-    run = resumable.Run(accelerator, args.output_dir, max_steps=args.max_steps, save_steps=args.save_steps, settings=settings)  # resumable
+    settings = {name: value for name, value in vars(args).items() if name in ("max_steps", "learning_rate", "per_device_train_batch_size", "seed")}  # resumable
+    run = resumable.Run(accelerator, args.output_dir, max_steps=args.max_steps, save_steps=args.save_steps, settings=settings,  # resumable
+                        max_time=args.max_time, backup_to=args.backup_to)  # resumable
     run.start()  # resumable
 
     model.train()
@@ -94,8 +98,9 @@ def main() -> int:
 @torch.no_grad()
 def accuracy(model, dataset) -> float:
     model.eval()
-    predictions = model(dataset.images).argmax(dim=-1)
-    return (predictions == dataset.labels).float().mean().item()
+    device = next(model.parameters()).device
+    predictions = model(dataset.images.to(device)).argmax(dim=-1)
+    return (predictions == dataset.labels.to(device)).float().mean().item()
 
 
 if __name__ == "__main__":

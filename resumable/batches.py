@@ -1,8 +1,9 @@
 """The batches of a run, epoch by epoch, from any optimizer step on: what makes a resume replay the same samples.
 
-    optimizer_steps_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, accumulation)
-                            the optimizer steps still to take in `epoch`, as lists of micro-batches;
-                            mid-epoch the batches already trained on are skipped without being loaded
+    micro_batches_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, accumulation)
+                            the micro-batches of the optimizer steps still to take in `epoch`, one at a
+                            time; mid-epoch the batches already trained on are skipped without being loaded
+    optimizer_steps_of_epoch(...)   the same as lists of `accumulation` micro-batches, one per optimizer step
     resumability_problem(dataloader)
                             why a data loader's order cannot be replayed after a resume (one line
                             that says what to change), or None
@@ -19,11 +20,14 @@ from __future__ import annotations
 import itertools
 
 
-def optimizer_steps_of_epoch(dataloader, epoch: int, steps_done_in_epoch: int, steps_to_take: int, accumulation: int):
-    """Yield lists of `accumulation` micro-batches: the optimizer steps still to take this epoch.
+def micro_batches_of_epoch(dataloader, epoch: int, steps_done_in_epoch: int, steps_to_take: int, accumulation: int):
+    """Yield the micro-batches of the optimizer steps still to take this epoch, one at a time.
 
     Mid-epoch (after a resume) the batches already trained on are skipped without being
-    loaded, so the next batch is the one the uninterrupted run took next.
+    loaded, so the next batch is the one the uninterrupted run took next. One at a time, so
+    that the loader fetches the next batch only when the loop asks for it: accelerate marks
+    the end of the data when it fetches the last batch, and `accelerator.accumulate` syncs
+    gradients there, so fetching a step's micro-batches ahead ended a step one early.
     """
     from accelerate import skip_first_batches
 
@@ -41,7 +45,12 @@ def optimizer_steps_of_epoch(dataloader, epoch: int, steps_done_in_epoch: int, s
         batches = itertools.chain([first], batches)
     else:
         batches = iter(dataloader)
-    batches = itertools.islice(batches, steps_to_take * accumulation)
+    yield from itertools.islice(batches, steps_to_take * accumulation)
+
+
+def optimizer_steps_of_epoch(dataloader, epoch: int, steps_done_in_epoch: int, steps_to_take: int, accumulation: int):
+    """The same micro-batches as lists of `accumulation`: one list per optimizer step (the CLI's loop)."""
+    batches = micro_batches_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, accumulation)
     while step := list(itertools.islice(batches, accumulation)):
         yield step
 

@@ -79,6 +79,10 @@ class Run:
                           in each checkpoint; a resume with other values is refused with a table
     allow_settings_change accept such a change knowingly (the result then differs from an uninterrupted run)
     logging_steps         every N steps, the mean of the values passed to step() goes to trainer_state.json
+    backup_to             also copy each checkpoint and the final model to this folder or s3://bucket/prefix, in the
+                          background (resumable/backup.py; pip install obstore); an empty or older output_dir is
+                          restored from it at start, so a run moves to a fresh machine by running the same script
+    backup_timeout        seconds a stop, or the end, waits for the newest state to reach backup_to
     """
 
     def __init__(
@@ -95,6 +99,8 @@ class Run:
         settings: dict | None = None,
         allow_settings_change: bool = False,
         logging_steps: int = 10,
+        backup_to: str | None = None,
+        backup_timeout: float = 600.0,
     ):
         from resumable.stopping import StopRequests, parse_duration, process_start_time
 
@@ -108,6 +114,8 @@ class Run:
         self.settings = dict(settings or {})
         self.allow_settings_change = allow_settings_change
         self.logging_steps = logging_steps
+        self.backup_to, self.backup_timeout = backup_to, backup_timeout
+        self.uploader = None  # the main process's backup.BackupUploader, with backup_to
         self.started_at = process_start_time()  # max_time counts from the process's start, imports included
         self.registered = {}  # name -> object with state_dict/load_state_dict, in registration order
         self.progress = state.TrainingState(world_size=accelerator.num_processes)
@@ -184,6 +192,10 @@ class Run:
         }]  # fmt: skip
         self._start_stopping()
         self.objects_at_start = self._objects_record()
+        if self.backup_to:
+            from resumable import backup
+
+            self.uploader = backup.start_uploader(self.accelerator, self.backup_to, self.output_dir, self.keep_last)
         return self
 
     def _decide_on_every_rank(self) -> dict:
@@ -208,6 +220,15 @@ class Run:
             return {**decision, "error": f"{self.output_dir} is in use by another run ({busy}); wait for it or choose another output_dir"}
         except OSError as error:
             return {**decision, "error": f"output_dir {self.output_dir}: {error.strerror}"}
+        if self.backup_to:  # a fresh machine, or a backup ahead of this directory: bring the newest committed state here first
+            from resumable import backup
+
+            if problem := backup.startup_problem(self.backup_to):
+                return {**decision, "error": problem}
+            try:
+                decision["notes"] += backup.restore_newer(self.backup_to, self.output_dir)
+            except backup.BackupUnavailable as away:
+                return {**decision, "error": f"could not restore from backup_to {self.backup_to} ({away}); run the same command again"}
         for leftover in state.clean_leftovers(self.output_dir):
             interrupted = "deletion" if leftover.name.startswith(state.DELETING_PREFIX) else "save"
             decision["notes"].append(f"🧹 Removed {leftover.name}, left by a {interrupted} that was interrupted")
@@ -318,7 +339,7 @@ class Run:
             self.accelerator.print(f"✅ Training is already complete ({self.progress.global_step} of {total} steps); nothing to do")
 
     def _micro_batches(self, dataloader):
-        from resumable.batches import optimizer_steps_of_epoch
+        from resumable.batches import micro_batches_of_epoch
 
         if self.stopping.requested(at_step_boundary=False):  # signalled while loading: the last checkpoint stands
             self._stop_here()
@@ -327,14 +348,15 @@ class Run:
         while not self.stopped and self.progress.global_step < self.progress.total_steps:
             epoch, steps_done_in_epoch = divmod(self.progress.global_step, self.steps_per_epoch)
             steps_to_take = min(self.steps_per_epoch - steps_done_in_epoch, self.progress.total_steps - self.progress.global_step)
-            for micro_batches in optimizer_steps_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, self.accumulation):
-                for batch in micro_batches:
-                    if self.micro_batches_in_step == self.accumulation:
-                        self._refuse(f"error: run.step() was not called after step {self.progress.global_step + 1}'s {self.accumulation} micro-batch(es): call it once after each optimizer step", EXIT_USAGE)
-                    self.micro_batches_in_step += 1
-                    yield batch
-                if self.stopped:
+            for batch in micro_batches_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, self.accumulation):
+                if self.stopped:  # run.step() agreed to stop after the previous micro-batch
                     return
+                if self.micro_batches_in_step == self.accumulation:
+                    self._refuse(f"error: run.step() was not called after step {self.progress.global_step + 1}'s {self.accumulation} micro-batch(es): call it once after each optimizer step", EXIT_USAGE)
+                self.micro_batches_in_step += 1
+                yield batch
+            if self.stopped:
+                return
         if self.micro_batches_in_step:
             self._refuse(f"error: run.step() was not called after step {self.progress.global_step + 1}'s micro-batches: call it once after each optimizer step", EXIT_USAGE)
 
@@ -405,6 +427,8 @@ class Run:
         self.last_save_at = time.monotonic()
         self.deadline.save_seconds = seconds
         if self.is_main:
+            if self.uploader is not None:
+                self.uploader.checkpoint_ready(path)  # staged for backup_to before rotation may delete it
             deleted = state.rotate_checkpoints(self.output_dir, self.keep_last, in_background=True)
             gone = f", removed {', '.join(p.name for p in deleted)}" if deleted else ""
             print(f"💾 Saved {path.name} ({reason}, {seconds:.2f}s{gone})", flush=True)
@@ -441,6 +465,10 @@ class Run:
                 state.wait_for_deletions()
                 self.live.write(self.progress, self.log_history, self.run_history, stop_reason=self.stop_reason)
             say("▶️  To continue, run the same command again.")
+            if self.uploader is not None:
+                from resumable import backup
+
+                backup.wait_at_stop(self.uploader, self.backup_timeout, "backup_timeout")  # a requeued job may land on another machine
             return EXIT_STOPPED_EARLY
         if not self.batches_started or self.progress.global_step < self.progress.total_steps:
             raise UsageError(f"run.finish() at step {self.progress.global_step} of {self.progress.total_steps or '?'}: iterate run.batches(loader) to its end first")
@@ -458,9 +486,14 @@ class Run:
             state.wait_for_deletions()  # a failed deletion of an old checkpoint is reported, not lost at exit
             self.live.write(self.progress, self.log_history, self.run_history, stop_reason="complete", training_complete=True)
             print(f"🏁 Training complete: {self.progress.total_steps} steps. Final model in {self.output_dir}", flush=True)
+        code = EXIT_DONE
+        if self.uploader is not None:
+            from resumable import backup
+
+            code = backup.finish(self.uploader, self.backup_timeout, self.progress.global_step, EXIT_DONE, EXIT_FAILED, "backup_timeout")  # 0 only once backup_to holds the final model
         self.accelerator.wait_for_everyone()
-        self.complete = True
-        return EXIT_DONE
+        self.complete = code == EXIT_DONE
+        return code
 
     @property
     def global_step(self) -> int:

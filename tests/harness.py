@@ -95,7 +95,7 @@ if host_memory:
 
 upload_kill_step = os.environ.get("HARNESS_KILL_IN_UPLOAD")
 if upload_kill_step:
-    import backup  # noqa: E402
+    from resumable import backup  # noqa: E402
 
     original_put_bytes = backup.Destination.put_bytes
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,46 +19,64 @@ from test_multiprocess import ACCELERATE_LAUNCH
 EXAMPLE_HARNESS = str(REPO / "tests" / "example_harness.py")
 DIGITS = str(REPO / "examples" / "digits_classifier.py")
 ONE_PROCESS = [PYTHON, EXAMPLE_HARNESS, DIGITS]
-TWO_PROCESSES = [*ACCELERATE_LAUNCH, "--config_file", str(REPO / "accelerate_config.yaml"), "--multi_gpu", "--num_processes", "2", EXAMPLE_HARNESS, DIGITS]
-# 1500 images / 32 per batch = 46 steps per epoch on one process, 23 on two: 600 steps cross many epoch boundaries.
+# 1500 images / 32 per batch = 46 steps per epoch on one process: 600 steps cross many epoch boundaries.
 FLAGS = ["--max_steps", "600", "--save_steps", "20"]
-LAYOUTS = pytest.mark.parametrize("launcher", [ONE_PROCESS, TWO_PROCESSES], ids=["1-process", "2-processes"])
 
 
 def log_history(output_dir):
     return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
 
 
-@LAYOUTS
-def test_digits_killed_inside_and_between_saves_and_stopped_ends_byte_identical(tmp_path, session_env, reference_runs, launcher):
-    reference = reference_runs(FLAGS, launcher=launcher)
+# Each example, with the steps after which it is killed, killed inside a save, and stopped by SIGTERM (multiples of its save_steps).
+EXAMPLES = {
+    "digits_classifier": (["--max_steps", "600", "--save_steps", "20"], 100, 240, 280),  # 46 steps an epoch on 1 process, 23 on 2
+    "two_models": (["--max_steps", "400", "--save_steps", "20"], 60, 160, 200),  # two models, two optimizers, a registered EMA
+    "causal_lm_loop": (["--max_steps", "200", "--save_steps", "10"], 30, 80, 100),  # gradient accumulation 2: 69 steps an epoch on 1 process
+}
+
+
+def example_launcher(name: str, processes: int) -> list[str]:
+    script = str(REPO / "examples" / f"{name}.py")
+    if processes == 1:
+        return [PYTHON, EXAMPLE_HARNESS, script]
+    return [*ACCELERATE_LAUNCH, "--config_file", str(REPO / "accelerate_config.yaml"), "--multi_gpu", "--num_processes", str(processes), EXAMPLE_HARNESS, script]
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-processes"])
+@pytest.mark.parametrize("example", list(EXAMPLES))
+def test_example_killed_inside_and_between_saves_and_stopped_ends_byte_identical(tmp_path, session_env, reference_runs, example, processes):
+    flags, killed_after, killed_inside, stopped_after = EXAMPLES[example]
+    save_steps = int(flags[3])
+    launcher = example_launcher(example, processes)
+    reference = reference_runs(flags, launcher=launcher)
     output_dir = tmp_path / "run"
 
     # kill -9 a moment after a save, wherever the loop then is
-    run = Training(session_env, output_dir, FLAGS, launcher=launcher)
-    run.wait_for(r"💾 Saved checkpoint-100 ")
+    run = Training(session_env, output_dir, flags, launcher=launcher)
+    run.wait_for(rf"💾 Saved checkpoint-{killed_after} ")
     time.sleep(random.uniform(0.0, 0.3))
     run.signal_group()
     assert run.finish() == -9
 
     # kill -9 inside a save: every file written, the manifest (the commit) not yet
-    killed = train(session_env, output_dir, FLAGS, launcher=launcher, harness_env={"EXAMPLE_KILL_IN_SAVE": "240"})
-    assert killed.returncode != 0 and (output_dir / ".tmp-checkpoint-240").is_dir(), killed.stdout + killed.stderr
-    assert not (output_dir / "checkpoint-240").exists() and (output_dir / "checkpoint-220" / "manifest.json").is_file()
+    killed = train(session_env, output_dir, flags, launcher=launcher, harness_env={"EXAMPLE_KILL_IN_SAVE": str(killed_inside)})
+    assert killed.returncode != 0 and (output_dir / f".tmp-checkpoint-{killed_inside}").is_dir(), killed.stdout + killed.stderr
+    assert not (output_dir / f"checkpoint-{killed_inside}").exists()
+    assert (output_dir / f"checkpoint-{killed_inside - save_steps}" / "manifest.json").is_file()
 
     # SIGTERM to the process we started, as `kill` does: a checkpoint at the step it stops at, exit 75.
     # (accelerate launch's own agent exits 1 on SIGTERM after its ranks exit 75: launch.sh's supervisor is what turns that into 75.)
-    run = Training(session_env, output_dir, FLAGS, launcher=launcher)
-    run.wait_for(r"🔄 Found checkpoint: checkpoint-220")
-    run.wait_for(r"💾 Saved checkpoint-280 ")
+    run = Training(session_env, output_dir, flags, launcher=launcher)
+    run.wait_for(rf"🔄 Found checkpoint: checkpoint-{killed_inside - save_steps}")
+    run.wait_for(rf"💾 Saved checkpoint-{stopped_after} ")
     run.process.send_signal(signal.SIGTERM)
     code = run.finish()
-    assert code == 75 if launcher is ONE_PROCESS else code in (75, 1), run.text
-    assert "🧹 Removed .tmp-checkpoint-240, left by a save that was interrupted" in run.text
+    assert code == 75 if processes == 1 else code in (75, 1), run.text
+    assert f"🧹 Removed .tmp-checkpoint-{killed_inside}, left by a save that was interrupted" in run.text
     stopped_at = int(run.text.split("🛑 Stopping at step ")[1].split(":")[0])
     assert (output_dir / f"checkpoint-{stopped_at}" / "manifest.json").is_file()
 
-    final = train(session_env, output_dir, FLAGS, launcher=launcher)
+    final = train(session_env, output_dir, flags, launcher=launcher)
     assert final.returncode == 0, final.stdout + final.stderr
     assert f"✅ Resumed from checkpoint (step {stopped_at})" in final.stdout
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
@@ -108,6 +127,24 @@ def test_a_flipped_byte_in_the_newest_checkpoint_is_passed_over_in_one_line(tmp_
     assert len(warnings) == 1 and f"{newest.name} is damaged (model.safetensors: checksum mismatch); moved aside to {newest.name}.corrupt" in warnings[0], final.stdout
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
 
+
+
+def test_backup_to_restores_the_run_on_an_empty_output_dir_and_ends_byte_identical(tmp_path, session_env, reference_runs):
+    reference = reference_runs(FLAGS, launcher=ONE_PROCESS)
+    output_dir, destination = tmp_path / "run", tmp_path / "backup"
+    with_backup = FLAGS + ["--backup_to", str(destination)]
+    run = Training(session_env, output_dir, with_backup, launcher=ONE_PROCESS)
+    run.wait_for(r"💾 Saved checkpoint-300 ")
+    run.signal_group()
+    run.finish()
+    shutil.rmtree(output_dir)  # a lost machine: only the backup is left
+    final = train(session_env, output_dir, with_backup, launcher=ONE_PROCESS)
+    assert final.returncode == 0, final.stdout + final.stderr
+    restored = int(final.stdout.split("☁️  restored checkpoint-")[1].split(" ")[0])
+    assert restored > 0 and f"✅ Resumed from checkpoint (step {restored})" in final.stdout, final.stdout
+    assert "☁️  final model and checkpoint-600 are in" in final.stdout
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+    assert file_digest(destination / "final-model" / "model.safetensors") == file_digest(reference / "model.safetensors")
 
 def test_status_reads_a_library_run(tmp_path, session_env, reference_runs):
     reference = reference_runs(FLAGS, launcher=ONE_PROCESS)

@@ -726,36 +726,38 @@ def describe_status(output_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------- the run's entry points
 
 
-def start_uploader(accelerator, config, progress) -> BackupUploader | None:
-    """The uploader on the global main process with --backup_to; None elsewhere (other ranks never wait)."""
-    if not config.backup_to or not accelerator.is_main_process:
+def start_uploader(accelerator, backup_to: str | None, output_dir: Path, keep: int, best_checkpoint=lambda: None) -> BackupUploader | None:
+    """The uploader on the global main process when backing up to `backup_to`; None elsewhere (other ranks never wait).
+
+    keep: how many committed checkpoints DEST retains; best_checkpoint: a function naming the checkpoint to keep besides them.
+    """
+    if not backup_to or not accelerator.is_main_process:
         return None
-    keep = config.backup_total_limit or config.save_total_limit
     say = lambda line: print(line, flush=True)  # noqa: E731 (the worker thread's lines)
-    return BackupUploader(config.backup_to, Path(config.output_dir), keep, lambda: progress.best_model_checkpoint, say)
+    return BackupUploader(backup_to, Path(output_dir), keep, best_checkpoint, say)
 
 
-def wait_at_stop(uploader: BackupUploader | None, config) -> None:
-    """A stop (signal, --max_time): give the stop's checkpoint up to --backup_timeout to reach DEST."""
+def wait_at_stop(uploader: BackupUploader | None, timeout: float, timeout_name: str = "--backup_timeout") -> None:
+    """A stop (signal, deadline): give the stop's checkpoint up to `timeout` seconds to reach DEST."""
     if uploader is None:
         return
-    if uploader.wait(config.backup_timeout):
+    if uploader.wait(timeout):
         if uploader.status.get("newest_committed"):  # nothing to say when the stop came before the first save
             print(f"☁️  {uploader.status['newest_committed']} is in {uploader.text}", flush=True)
     else:
-        print(f"⚠️  the newest checkpoint did not reach {uploader.text} within --backup_timeout {config.backup_timeout:g} s; it is complete locally", flush=True)
+        print(f"⚠️  the newest checkpoint did not reach {uploader.text} within {timeout_name} {timeout:g} s; it is complete locally", flush=True)
     uploader.close()
 
 
-def finish(uploader: BackupUploader | None, config, global_step: int, exit_done: int, exit_failed: int) -> int:
+def finish(uploader: BackupUploader | None, timeout: float, global_step: int, exit_done: int, exit_failed: int, timeout_name: str = "--backup_timeout") -> int:
     """End of training: the final model and trainer_state.json to DEST; exit_done only once DEST holds them."""
     if uploader is None:
         return exit_done
     uploader.final_ready(global_step)
-    if not uploader.wait(config.backup_timeout):
+    if not uploader.wait(timeout):
         uploader.close()
-        print(f"error: training is complete locally, but the backup to {uploader.text} is not (not done within --backup_timeout "
-              f"{config.backup_timeout:g} s; last error: {uploader.status.get('last_error') or 'none'}); run the same command again to finish the upload",
+        print(f"error: training is complete locally, but the backup to {uploader.text} is not (not done within {timeout_name} "
+              f"{timeout:g} s; last error: {uploader.status.get('last_error') or 'none'}); run the same command again to finish the upload",
               file=sys.stderr, flush=True)  # fmt: skip
         return exit_failed
     uploader.close()
