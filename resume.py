@@ -1,7 +1,7 @@
 """Where a run starts: the checkpoint to resume from, and how the batch is laid out on this world size.
 
-    decide_start(config, accelerator)   the main process takes the output directory's lock, tidies
-                                        up, and chooses the checkpoint; every rank gets the same answer
+    decide_start(config, accelerator)   resumable.starting's: the main process takes the output directory's
+                                        lock, tidies up, and chooses the checkpoint; every rank gets the same answer
     plan_batches(...)                   per-rank batch and accumulation that keep a checkpoint's
                                         global batch on a different number of processes
     restore(...)                        load the checkpoint into the prepared objects and progress
@@ -13,104 +13,25 @@ import dataclasses
 import time
 from pathlib import Path
 
-from resumable import backup
-from resumable import state
-from config import EXIT_DONE, EXIT_FAILED, EXIT_USAGE, TrainingConfig, UsageError
+from config import TrainingConfig, UsageError
+from resumable import starting, state
+from resumable.starting import StartDecision
 from resumable.state import TrainingState
 
 
-@dataclasses.dataclass
-class StartDecision:
-    """What the main process decided before training; broadcast so every rank does the same."""
-
-    error: str | None = None
-    exit_code: int = EXIT_DONE
-    checkpoint: str | None = None
-    checkpoint_args: dict | None = None
-    checkpoint_state: TrainingState | None = None  # read by every rank after the broadcast
-    run_history: list = dataclasses.field(default_factory=list)
-    notes: list = dataclasses.field(default_factory=list)
-    already_complete: str | None = None  # the run ended and its checkpoints were cleaned away: say so, train nothing
-    lock: state.OutputDirLock | None = None  # the main process's, set after the broadcast
-
-
-def _decide_on_main_process(config: TrainingConfig, lock: state.OutputDirLock) -> StartDecision:
-    """Main process only: take the lock, tidy up, choose the checkpoint to resume from."""
-    output_dir = Path(config.output_dir)
-    if config.backup_to and (problem := backup.startup_problem(config.backup_to)):  # before anything is written
-        return StartDecision(error=problem, exit_code=EXIT_USAGE)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    except state.OutputDirBusy as busy:
-        return StartDecision(error=f"{output_dir} is in use by another run ({busy}); wait for it or choose another --output_dir", exit_code=EXIT_USAGE)
-    except OSError as error:
-        return StartDecision(error=f"--output_dir {output_dir}: {error.strerror}", exit_code=EXIT_USAGE)
-    decision = StartDecision()
-    for leftover in state.clean_leftovers(output_dir):
-        interrupted = "deletion" if leftover.name.startswith(state.DELETING_PREFIX) else "save"
-        decision.notes.append(f"🧹 Removed {leftover.name}, left by a {interrupted} that was interrupted")
-    cleaned_here = (state.read_live_state(output_dir) or {}).get("training_complete") and any(output_dir.glob("*.safetensors"))
-    if config.backup_to and config.resume_from_checkpoint == "auto" and not cleaned_here:  # a fresh machine, or DEST ahead of OUTPUT_DIR; not a finished run whose checkpoints `clean` removed
-        try:
-            decision.notes += backup.restore_newer(config.backup_to, output_dir)
-        except backup.BackupUnavailable as away:
-            return StartDecision(error=f"could not restore from --backup_to {config.backup_to} ({away}); run the same command again", exit_code=EXIT_FAILED)
-    if config.backup_to and config.resume_from_checkpoint != "auto":  # DEST must not hold a later state than the one chosen
-        start_step = None if config.resume_from_checkpoint == "none" else state.checkpoint_step(Path(config.resume_from_checkpoint))
-        if problem := backup.newer_than_the_start(config.backup_to, start_step):
-            return StartDecision(error=problem, exit_code=EXIT_USAGE)
-    live = state.read_live_state(output_dir) or {}
-    decision.run_history = live.get("run_history", [])
-
-    if config.resume_from_checkpoint == "none":
-        archive, moved = state.archive_checkpoints(output_dir)
-        if archive:
-            decision.notes.append(f"📦 --resume_from_checkpoint none: moved {len(moved)} earlier checkpoint(s) to {archive.name}/")
-        decision.run_history = []
-        return decision
-    if config.resume_from_checkpoint == "auto":
-        try:
-            chosen = state.newest_valid_checkpoint(output_dir, warn=decision.notes.append)
-        except state.NoValidCheckpoint as none_valid:
-            return StartDecision(
-                error=f"no valid checkpoint in {output_dir} ({none_valid}); fix or move them, or pass --resume_from_checkpoint none to start fresh",
-                exit_code=EXIT_USAGE,
-            )
-    else:
-        chosen = Path(config.resume_from_checkpoint)
-        try:
-            state.verify_checkpoint(chosen)
-        except state.CheckpointError as damaged:
-            return StartDecision(error=f"--resume_from_checkpoint {chosen}: {damaged}", exit_code=EXIT_USAGE)
-    if chosen is None and live.get("training_complete"):  # without this, a rerun after `./launch.sh clean` trained again from step 0
-        decision.already_complete = (
-            f"✅ Training in {output_dir} is already complete ({live.get('global_step')} steps) and its checkpoints are gone "
-            f"(./launch.sh clean, or deleted by hand): nothing to resume, nothing trained. The final model is in {output_dir}; "
-            "to train again from step 0 (overwriting it), add --resume_from_checkpoint none"
-        )
-    if chosen is not None:
-        archive, moved = state.archive_checkpoints(output_dir, newer_than=state.checkpoint_step(chosen))
-        if archive:
-            decision.notes.append(f"📦 Resuming from an older checkpoint: moved {', '.join(moved)} to {archive.name}/")
-        decision.checkpoint = str(chosen)
-        decision.checkpoint_args = state.read_training_args(chosen)
-    return decision
+# The library's start, in the CLI's words.
+CLI_WORDING = starting.Wording(
+    output_dir="--output_dir", backup_to="--backup_to", resume_from="--resume_from_checkpoint",
+    start_fresh="pass --resume_from_checkpoint none to start fresh",
+    train_again="to train again from step 0 (overwriting it), add --resume_from_checkpoint none",
+)  # fmt: skip
 
 
 def decide_start(config: TrainingConfig, accelerator) -> StartDecision:
-    """Decided once on the main process, which then holds the lock; the same decision on every rank."""
-    from accelerate.utils import broadcast_object_list
-
-    lock = state.OutputDirLock(Path(config.output_dir))
-    decision = [_decide_on_main_process(config, lock) if accelerator.is_main_process else None]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(decision)
-    decision = decision[0]
-    decision.lock = lock  # kept with the decision for the whole run; the kernel drops it when the process ends
-    if decision.checkpoint:
-        decision.checkpoint_state, _, _ = state.read_trainer_state(Path(decision.checkpoint) / state.TRAINER_STATE_NAME)
-    return decision
+    """resumable.starting.decide_start with the CLI's flags: decided once on the main process (which takes the lock), the same on every rank."""
+    return starting.decide_start(
+        accelerator, Path(config.output_dir), backup_to=config.backup_to, resume_from=config.resume_from_checkpoint, wording=CLI_WORDING
+    )
 
 
 @dataclasses.dataclass

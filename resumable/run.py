@@ -120,7 +120,7 @@ class Run:
         self.registered = {}  # name -> object with state_dict/load_state_dict, in registration order
         self.progress = state.TrainingState(world_size=accelerator.num_processes)
         self.log_history, self.run_history = [], []
-        self.started = self.stopped = self.complete = False
+        self.started = self.stopped = self.complete = self.already_complete = False
         self.stop_reason = None
         self.batches_started = False
         self.micro_batches_in_step = 0
@@ -130,7 +130,9 @@ class Run:
         self.metric_sums, self.metric_steps = {}, 0
         self.steps_per_second = 0.0
         self.lock = None
-        self.live = state.LiveState(self.output_dir)
+        # trainer_state.json for status: at log steps, but at most every 2 s (a step of a few ms logged every 10 steps
+        # rewrote it ~7 times a second: 1.6 % of the loop's time in bench/library_overhead.py)
+        self.live = state.LiveState(self.output_dir, min_interval=2.0)
         # At once: a signal while the model loads must not kill the process either.
         self.requests = StopRequests(on_abort=lambda: None)
         self.requests.install()
@@ -167,13 +169,21 @@ class Run:
         if self.started:
             raise UsageError("run.start() called twice: call it once, before the loop")
         self.started = True
+        from resumable import starting
+
         say = self.accelerator.print
-        decision = self._decide_on_every_rank()
-        for note in decision["notes"]:
+        decision = starting.decide_start(self.accelerator, self.output_dir, backup_to=self.backup_to)
+        if decision.error:
+            self._refuse(f"error: {decision.error}", decision.exit_code)
+        self.lock = decision.lock
+        for note in decision.notes:
             say(note)
-        self.run_history = decision["run_history"]
-        checkpoint = decision["checkpoint"]
-        if checkpoint is None:
+        self.run_history = decision.run_history
+        checkpoint = decision.checkpoint
+        if decision.already_complete:  # finished, and its checkpoints cleaned away: the final model stays as it is
+            say(decision.already_complete)
+            self.already_complete = True
+        elif checkpoint is None:
             say("🆕 Starting new training")
         else:
             self._check_against_checkpoint(Path(checkpoint))
@@ -188,7 +198,7 @@ class Run:
             say(f"✅ Resumed from checkpoint (step {self.progress.global_step})")
         self.run_history = self.run_history + [{
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": self.progress.global_step, "world_size": self.accelerator.num_processes,
-            "event": "resume" if checkpoint else "start", "previous_stop": (decision["previous_stop"] or "killed or crashed") if checkpoint else None,
+            "event": "resume" if checkpoint else "start", "previous_stop": (decision.previous_stop or "killed or crashed") if checkpoint else None,
         }]  # fmt: skip
         self._start_stopping()
         self.objects_at_start = self._objects_record()
@@ -197,50 +207,6 @@ class Run:
 
             self.uploader = backup.start_uploader(self.accelerator, self.backup_to, self.output_dir, self.keep_last)
         return self
-
-    def _decide_on_every_rank(self) -> dict:
-        """The main process takes the lock, tidies up and chooses the checkpoint; every rank gets its answer."""
-        from accelerate.utils import broadcast_object_list
-
-        decision = [self._decide_on_main_process() if self.is_main else None]
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(decision)
-        decision = decision[0]
-        if decision["error"]:
-            raise UsageError(decision["error"])
-        return decision
-
-    def _decide_on_main_process(self) -> dict:
-        decision = {"error": None, "notes": [], "checkpoint": None, "run_history": [], "previous_stop": None}
-        self.lock = state.OutputDirLock(self.output_dir)
-        try:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.lock.acquire()  # held until the process ends; the kernel drops it however it ends
-        except state.OutputDirBusy as busy:
-            return {**decision, "error": f"{self.output_dir} is in use by another run ({busy}); wait for it or choose another output_dir"}
-        except OSError as error:
-            return {**decision, "error": f"output_dir {self.output_dir}: {error.strerror}"}
-        if self.backup_to:  # a fresh machine, or a backup ahead of this directory: bring the newest committed state here first
-            from resumable import backup
-
-            if problem := backup.startup_problem(self.backup_to):
-                return {**decision, "error": problem}
-            try:
-                decision["notes"] += backup.restore_newer(self.backup_to, self.output_dir)
-            except backup.BackupUnavailable as away:
-                return {**decision, "error": f"could not restore from backup_to {self.backup_to} ({away}); run the same command again"}
-        for leftover in state.clean_leftovers(self.output_dir):
-            interrupted = "deletion" if leftover.name.startswith(state.DELETING_PREFIX) else "save"
-            decision["notes"].append(f"🧹 Removed {leftover.name}, left by a {interrupted} that was interrupted")
-        try:
-            chosen = state.newest_valid_checkpoint(self.output_dir, warn=decision["notes"].append)
-        except state.NoValidCheckpoint as none_valid:
-            return {**decision, "error": f"no valid checkpoint in {self.output_dir} ({none_valid}); fix or move them, or choose another output_dir to start fresh"}
-        live = state.read_live_state(self.output_dir) or {}
-        decision["run_history"] = live.get("run_history", []) if chosen else []
-        decision["previous_stop"] = live.get("stop_reason")
-        decision["checkpoint"] = str(chosen) if chosen else None
-        return decision
 
     def _objects_record(self) -> dict:
         """What this run checkpoints: how many of each prepared kind, and the registered names in order."""
@@ -341,6 +307,8 @@ class Run:
     def _micro_batches(self, dataloader):
         from resumable.batches import micro_batches_of_epoch
 
+        if self.already_complete:
+            return
         if self.stopping.requested(at_step_boundary=False):  # signalled while loading: the last checkpoint stands
             self._stop_here()
             return
@@ -460,6 +428,8 @@ class Run:
 
     def _finish(self, models) -> int:
         say = self.accelerator.print
+        if self.already_complete:
+            return EXIT_DONE  # the final model in OUTPUT_DIR is the finished run's: nothing is trained or written
         if self.stopped:
             if self.is_main:
                 state.wait_for_deletions()

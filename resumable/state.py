@@ -199,8 +199,9 @@ class LiveState:
 
     MAX_SHARE = 0.02
 
-    def __init__(self, output_dir: Path):
+    def __init__(self, output_dir: Path, min_interval: float = 0.0):
         self.output_dir = Path(output_dir)
+        self.min_interval = min_interval  # and never more often than this (seconds) for routine writes
         self.last_written_at = float("-inf")
         self.last_duration = 0.0
 
@@ -211,7 +212,7 @@ class LiveState:
         self.last_duration = self.last_written_at - began
 
     def write_if_due(self, state: TrainingState, log_history: list, run_history: list, **extra) -> None:
-        if time.monotonic() - self.last_written_at >= self.last_duration / self.MAX_SHARE:
+        if time.monotonic() - self.last_written_at >= max(self.min_interval, self.last_duration / self.MAX_SHARE):
             self.write(state, log_history, run_history, **extra)
 
 

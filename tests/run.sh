@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the tests: ./tests/run.sh [--quick] [pytest args, e.g. -x or tests/test_state.py]
-#   --quick   the quick lane (marker `quick`): each feature's main path once, ~2 min; run it before every commit
+#   --quick   the quick lane (marker `quick`): each feature's main path once, ~3 min; run it before every commit
 # Sets up .venv/ with the test requirements on top of the product's (launch.sh's installer), then runs
 # pytest in three lanes:
 #   - the tests that may share the machine, on every core (pytest-xdist, work-stealing: a worker that runs out

@@ -162,3 +162,10 @@ def test_backup_benchmark_uploads_restores_and_times_a_fresh_machine_to_its_firs
     assert all(number(row[3].split()[0]) > 0 for row in rows)
     [row] = run_bench(session_env, "backup_speed.py", "restore", "--model", "64x2", "--repeats", 1, timeout=600)
     assert row[0].startswith("restore 64x2") and number(row[3].split()[0]) > 0
+
+
+def test_library_overhead_benchmark_times_the_example_beside_the_same_loop_without_the_library(session_env):
+    rows = run_bench(session_env, "library_overhead.py", "--steps", 60, "--rounds", 1, "--save_steps", 20)
+    assert [row[0] for row in rows] == ["plain loop", "plain loop + accelerator.save_state", "resumable (examples/digits_classifier.py)"]
+    assert all(number(row[1]) > 0 for row in rows)
+    assert rows[2][3] == "1.000x (1.000)"  # the library against itself

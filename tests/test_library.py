@@ -238,6 +238,15 @@ def test_a_checkpoint_of_other_objects_or_settings_is_refused_with_what_differs(
     assert same.returncode == 0, same.stdout + same.stderr
     assert "✅ Resumed from checkpoint (step 4)" in same.stdout and "🏁 Training complete: 6 steps" in same.stdout
 
+    # finished, then its checkpoints deleted (./launch.sh clean): a rerun trains nothing and keeps the final model
+    final_model = file_digest(output_dir / "model.safetensors")
+    for checkpoint in output_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    again = run_loop(tmp_path, output_dir, before_start="run.register(counter=Counter())")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"✅ Training in {output_dir} is already complete (6 steps) and its checkpoints are gone" in again.stdout
+    assert "🆕" not in again.stdout and file_digest(output_dir / "model.safetensors") == final_model
+
 
 def test_import_resumable_loads_none_of_the_cli_libraries_and_costs_little():
     probe = "import sys, time; t = time.perf_counter(); import resumable; print(time.perf_counter() - t); print(sorted(m for m in ('torch', 'transformers', 'datasets', 'peft', 'accelerate', 'obstore') if m in sys.modules))"
