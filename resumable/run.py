@@ -477,28 +477,31 @@ class Run:
     # ------------------------------------------------------------------ helpers
 
     def _refuse(self, line: str, code: int):
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(line, file=sys.stderr, flush=True)
         self.requests.ignore_from_now()
-        raise SystemExit(code)
+        refuse(line, code)
 
     @staticmethod
     def _check_arguments(max_steps, num_epochs, save_steps, save_minutes, keep_last, logging_steps) -> None:
-        def refuse(message):
-            if os.environ.get("LOCAL_RANK", "0") == "0":
-                print(f"error: resumable.Run(...): {message}", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_USAGE)
+        def refuse_arguments(message):
+            refuse(f"error: resumable.Run(...): {message}", EXIT_USAGE)
 
         if (max_steps is None) == (num_epochs is None):
-            refuse("give max_steps or num_epochs (one of them)")
+            refuse_arguments("give max_steps or num_epochs (one of them)")
         if max_steps is not None and max_steps <= 0 or num_epochs is not None and num_epochs <= 0:
-            refuse("max_steps and num_epochs must be positive")
+            refuse_arguments("max_steps and num_epochs must be positive")
         if save_steps is not None and save_steps <= 0 or save_minutes is not None and save_minutes <= 0:
-            refuse("save_steps and save_minutes must be positive (or None for never)")
+            refuse_arguments("save_steps and save_minutes must be positive (or None for never)")
         if keep_last < 1:
-            refuse("keep_last must be at least 1: the newest checkpoint is what a resume needs")
+            refuse_arguments("keep_last must be at least 1: the newest checkpoint is what a resume needs")
         if logging_steps < 1:
-            refuse("logging_steps must be at least 1")
+            refuse_arguments("logging_steps must be at least 1")
+
+
+def refuse(line: str, code: int):
+    """End the process with `line` on stderr, printed once per machine (every rank meets the same misuse), and `code`."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # set by accelerate launch / torchrun
+        print(line, file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
 def describe_objects(record: dict) -> str:
@@ -511,13 +514,12 @@ def write_weights_atomically(weights: dict, path: Path) -> None:
     """safetensors file at `path`: written beside it, fsynced, renamed. Tensors that share memory (tied weights) are copied."""
     from safetensors.torch import save_file
 
-    seen, tensors = set(), {}
+    storages, tensors = set(), {}
     for key, tensor in weights.items():
         tensor = tensor.detach().to("cpu").contiguous()
-        pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if tensor.untyped_storage().data_ptr() in {p for p, _ in seen}:
+        if tensor.untyped_storage().data_ptr() in storages:
             tensor = tensor.clone()  # safetensors refuses shared storage; the bytes are the same
-        seen.add(pointer)
+        storages.add(tensor.untyped_storage().data_ptr())
         tensors[key] = tensor
     temporary = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(temporary), metadata={"format": "pt"})
