@@ -7,6 +7,7 @@
 #   ./launch.sh clean [--output_dir DIR] [--force] [--backup_to DEST]   at the end: keep the final model, delete the checkpoints
 #   ./launch.sh setup                              only create .venv/
 #   ./launch.sh setup-tests                        also install tests/requirements.txt (tests/run.sh does)
+#   ./launch.sh --help                             this usage, then every training flag
 #
 # The first run creates .venv/ beside this script and installs requirements.txt into it.
 # Training runs through `accelerate launch` with accelerate_config.yaml, supervised by
@@ -53,6 +54,11 @@ export PATH="$VENV/bin:$PATH"
 
 if [[ "${1:-}" == "setup" || "${1:-}" == "setup-tests" ]]; then
     exit 0  # the environment is ready (setup-tests: used by tests/run.sh)
+fi
+if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
+    sed -n '4,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$HERE/launch.sh"  # the usage above, then every training flag
+    echo
+    exec python "$HERE/train_loop.py" --help
 fi
 if [[ "${1:-}" == "status" ]]; then
     shift
