@@ -38,7 +38,7 @@ class StartDecision:
     error: str | None = None
     exit_code: int = EXIT_DONE
     checkpoint: str | None = None
-    checkpoint_args: dict | None = None
+    checkpoint_args: dict | None = None  # its training_args.json (None in a transformers.Trainer checkpoint)
     checkpoint_state: state.TrainingState | None = None  # read by every rank after the broadcast
     run_history: list = dataclasses.field(default_factory=list)
     previous_stop: str | None = None  # why the last run ended, as it wrote it in trainer_state.json
@@ -47,12 +47,16 @@ class StartDecision:
     lock: state.OutputDirLock | None = None  # the main process's, set after the broadcast
 
 
-def decide_start(accelerator, output_dir, *, backup_to: str | None = None, resume_from: str = "auto", wording: Wording = Wording()) -> StartDecision:
-    """Decided once on the main process, which then holds the lock for the life of the process; the same decision on every rank."""
+def decide_start(accelerator, output_dir, *, backup_to: str | None = None, resume_from: str = "auto", wording: Wording = Wording(),
+                 unfinished_first_save: bool = False) -> StartDecision:
+    """Decided once on the main process, which then holds the lock for the life of the process; the same decision on every rank.
+
+    unfinished_first_save: the checkpoints are written in place (transformers.Trainer), see state.newest_valid_checkpoint.
+    """
     from accelerate.utils import broadcast_object_list
 
     lock = state.OutputDirLock(Path(output_dir))
-    decision = [_decide_on_main_process(Path(output_dir), lock, backup_to, resume_from, wording) if accelerator.is_main_process else None]
+    decision = [_decide_on_main_process(Path(output_dir), lock, backup_to, resume_from, wording, unfinished_first_save) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(decision)
     decision = decision[0]
@@ -62,7 +66,8 @@ def decide_start(accelerator, output_dir, *, backup_to: str | None = None, resum
     return decision
 
 
-def _decide_on_main_process(output_dir: Path, lock: state.OutputDirLock, backup_to: str | None, resume_from: str, wording: Wording) -> StartDecision:
+def _decide_on_main_process(output_dir: Path, lock: state.OutputDirLock, backup_to: str | None, resume_from: str, wording: Wording,
+                            unfinished_first_save: bool = False) -> StartDecision:
     """Main process only: take the lock, tidy up, choose the checkpoint to resume from."""
     from resumable import backup
 
@@ -101,7 +106,7 @@ def _decide_on_main_process(output_dir: Path, lock: state.OutputDirLock, backup_
         return decision
     if resume_from == "auto":
         try:
-            chosen = state.newest_valid_checkpoint(output_dir, warn=decision.notes.append)
+            chosen = state.newest_valid_checkpoint(output_dir, warn=decision.notes.append, unfinished_first_save=unfinished_first_save)
         except state.NoValidCheckpoint as none_valid:
             return StartDecision(error=f"no valid checkpoint in {output_dir} ({none_valid}); fix or move them, or {wording.start_fresh}", exit_code=EXIT_USAGE)
     else:
@@ -121,5 +126,6 @@ def _decide_on_main_process(output_dir: Path, lock: state.OutputDirLock, backup_
         if archive:
             decision.notes.append(f"📦 Resuming from an older checkpoint: moved {', '.join(moved)} to {archive.name}/")
         decision.checkpoint = str(chosen)
-        decision.checkpoint_args = state.read_training_args(chosen)
+        if (chosen / state.TRAINING_ARGS_NAME).is_file():  # a transformers.Trainer checkpoint has training_args.bin instead
+            decision.checkpoint_args = state.read_training_args(chosen)
     return decision

@@ -318,12 +318,15 @@ def quarantine_checkpoint(path: Path) -> Path:
     return target
 
 
-def newest_valid_checkpoint(output_dir: Path, warn=print) -> Path | None:
+def newest_valid_checkpoint(output_dir: Path, warn=print, unfinished_first_save: bool = False) -> Path | None:
     """The newest checkpoint that passes its manifest check, or None if there is none at all.
 
     Damaged checkpoints newer than it are moved aside (`.corrupt`) with a warning each.
     Raises NoValidCheckpoint if checkpoints exist but none is valid (nothing is moved
-    then, so a user can inspect every one of them).
+    then, so a user can inspect every one of them). With unfinished_first_save=True (a
+    writer that saves in place, as transformers.Trainer does, so that a kill inside its first
+    save leaves a `checkpoint-N` without a manifest), one lone checkpoint whose manifest is
+    missing is moved aside with a warning and None is returned.
     """
     candidates = list_checkpoints(output_dir)
     if not candidates:
@@ -339,6 +342,11 @@ def newest_valid_checkpoint(output_dir: Path, warn=print) -> Path | None:
             moved = quarantine_checkpoint(damaged)
             warn(f"⚠️  {damaged.name} is damaged ({reason}); moved aside to {moved.name}; resuming from {path.name}")
         return path
+    if unfinished_first_save and len(problems) == 1 and not (problems[0][0] / MANIFEST_NAME).exists():
+        unfinished, reason = problems[0]
+        moved = quarantine_checkpoint(unfinished)
+        warn(f"⚠️  {unfinished.name} is damaged ({reason}); moved aside to {moved.name}; no earlier checkpoint, starting at step 0")
+        return None
     listing = "; ".join(f"{path.name}: {reason}" for path, reason in problems)
     raise NoValidCheckpoint(listing)
 

@@ -228,6 +228,14 @@ class Training:
         return "".join(self.output)
 
 
+def kill_a_moment_after(run: Training, pattern: str, within: float = 0.3) -> int:
+    """SIGKILL the run (and its children) at a random moment within `within` s after it prints `pattern`; its exit code."""
+    run.wait_for(pattern)
+    time.sleep(random.uniform(0.0, within))
+    run.signal_group()
+    return run.finish()
+
+
 def kill_when(env, output_dir, flags, pattern: str, launcher=None, harness_env=None) -> str:
     """Start a training, SIGKILL it (and its children) as soon as it prints `pattern`; its output."""
     run = Training(env, output_dir, flags, launcher=launcher, harness_env=harness_env)

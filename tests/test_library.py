@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import PYTHON, REPO, Training, file_digest, train
+from conftest import PYTHON, REPO, Training, file_digest, kill_a_moment_after, train
 from test_multiprocess import ACCELERATE_LAUNCH
 
 EXAMPLE_HARNESS = str(REPO / "tests" / "example_harness.py")
@@ -52,11 +51,7 @@ def test_example_killed_inside_and_between_saves_and_stopped_ends_byte_identical
     output_dir = tmp_path / "run"
 
     # kill -9 a moment after a save, wherever the loop then is
-    run = Training(session_env, output_dir, flags, launcher=launcher)
-    run.wait_for(rf"💾 Saved checkpoint-{killed_after} ")
-    time.sleep(random.uniform(0.0, 0.3))
-    run.signal_group()
-    assert run.finish() == -9
+    assert kill_a_moment_after(Training(session_env, output_dir, flags, launcher=launcher), rf"💾 Saved checkpoint-{killed_after} ") == -9
 
     # kill -9 inside a save: every file written, the manifest (the commit) not yet
     killed = train(session_env, output_dir, flags, launcher=launcher, harness_env={"EXAMPLE_KILL_IN_SAVE": str(killed_inside)})
@@ -83,10 +78,15 @@ def test_example_killed_inside_and_between_saves_and_stopped_ends_byte_identical
     assert log_history(output_dir) == log_history(reference)  # the same losses logged at the same steps, none twice
 
 
+# A loop on resumable.Run, and a transformers.Trainer script with resumable.trainer's two lines (tests/test_trainer.py)
+STOPPABLE = ["digits_classifier", "hf_trainer"]
+
+
+@pytest.mark.parametrize("example", STOPPABLE)
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=["SIGINT", "SIGTERM", "SIGUSR1"])
-def test_a_signal_saves_the_current_step_and_exits_75(tmp_path, session_env, number):
+def test_a_signal_saves_the_current_step_exits_75_and_status_reads_the_run(tmp_path, session_env, number, example):
     output_dir = tmp_path / "run"
-    run = Training(session_env, output_dir, ["--max_steps", "100000", "--save_steps", "50"], launcher=ONE_PROCESS)
+    run = Training(session_env, output_dir, ["--max_steps", "100000", "--save_steps", "50"], launcher=example_launcher(example, 1))
     run.wait_for(r"💾 Saved checkpoint-100 ")
     run.process.send_signal(number)
     assert run.finish() == 75, run.text
@@ -95,11 +95,18 @@ def test_a_signal_saves_the_current_step_and_exits_75(tmp_path, session_env, num
     assert f"💾 Saved checkpoint-{stopped_at} ({number.name}" in run.text or stopped_at % 50 == 0
     assert (output_dir / f"checkpoint-{stopped_at}" / "manifest.json").is_file()
     assert "▶️  To continue, run the same command again." in run.text
+    assert "Held-out" not in run.text and "validation accuracy" not in run.text.lower()  # the script's code after training runs only when it is complete
+
+    status = subprocess.run([PYTHON, "status.py", "--output_dir", str(output_dir)], cwd=REPO, env=session_env, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "Traceback" not in status.stderr, status.stdout + status.stderr
+    assert f"step {stopped_at} / 100000" in status.stdout and f"(last stop: {number.name})" in status.stdout, status.stdout
 
 
-def test_a_deadline_stops_with_a_checkpoint_before_it(tmp_path, session_env):
-    end = int(time.time()) + 25
-    result = train({**session_env, "SLURM_JOB_END_TIME": str(end)}, tmp_path / "run", ["--max_steps", "1000000", "--save_steps", "1000"], launcher=ONE_PROCESS)
+@pytest.mark.parametrize("example", STOPPABLE)
+def test_a_deadline_stops_with_a_checkpoint_before_it(tmp_path, session_env, example):
+    end = int(time.time()) + 30
+    flags = ["--max_steps", "1000000", "--save_steps", "100000"]
+    result = train({**session_env, "SLURM_JOB_END_TIME": str(end)}, tmp_path / "run", flags, launcher=example_launcher(example, 1))
     ended = time.time()
     assert result.returncode == 75, result.stdout + result.stderr
     stopped_at = int(result.stdout.split("🛑 Stopping at step ")[1].split(":")[0])
