@@ -25,6 +25,9 @@ def describe(output_dir: Path) -> dict:
     live = state.read_live_state(output_dir) or {}
     holder = state.OutputDirLock.holder(output_dir) if output_dir.is_dir() else None
     step, total = live.get("global_step", 0), live.get("total_steps", 0)
+    if "max_steps" in live and "total_steps" not in live:  # a Trainer script's trainer.save_state() wrote it, in the Trainer's form
+        total = live["max_steps"]
+        live["training_complete"] = live.get("training_complete") or (total > 0 and step >= total)
     last_log = (live.get("log_history") or [{}])[-1]
     steps_per_second = live.get("steps_per_second") or 0.0
     checkpoints = []

@@ -10,6 +10,7 @@ Two lines in a script of the usual shape:
 What the two lines add to the Trainer's own checkpointing (checkpoint-N = N optimizer steps, as ours):
 - Commit. Once every process has written its files of checkpoint-N (the Trainer writes them in place),
   the main process fsyncs them and writes manifest.json (size and XXH3 of each) last: the commit marker.
+  That runs on a thread while training goes on (Committer); a stop or the end waits for it.
   The Trainer's rotation (save_total_limit) is switched off and done here instead, after the commit,
   so the newest verified checkpoint is never deleted before the next one is verified.
 - Start. checkpoint_to_resume takes OUTPUT_DIR's lock, removes what interrupted deletions left, restores
@@ -30,13 +31,14 @@ inside a checkpoint and when it saves them (save_strategy); a Trainer resume is 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from resumable import state
-from resumable.errors import EXIT_DONE, EXIT_STOPPED_EARLY, EXIT_USAGE
+from resumable.errors import EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE
 from resumable.run import refuse
 from resumable.starting import Wording
 
@@ -122,6 +124,7 @@ class ResumableCallback(TrainerCallback):
 
             best = lambda: Path(state_.best_model_checkpoint).name if state_.best_model_checkpoint else None  # noqa: E731
             self.uploader = backup.start_uploader(self.accelerator, self.backup_to, self.output_dir, self.keep_last or 10**9, best)
+        self.committer = Committer(self.output_dir, self.keep_last, self.uploader, self.deadline) if self.is_main else None
         self.step_ended_at = self.rate_from_time = time.monotonic()
         self.rate_from_step = state_.global_step
         if self.is_main:
@@ -156,25 +159,15 @@ class ResumableCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state_, control, **kwargs):
-        """Every process, after the Trainer wrote checkpoint-N in place: the commit, then rotation and backup (main process)."""
-        checkpoint = self.output_dir / f"{state.CHECKPOINT_PREFIX}{state_.global_step}"
+        """Every process, after the Trainer wrote checkpoint-N in place: the main process commits it on a thread (Committer)."""
         self.accelerator.wait_for_everyone()  # every process's files (rng_state_<rank>.pth) are written
         if self.is_main:
-            state.write_manifest(checkpoint, state_.global_step)  # fsyncs every file, then the manifest: the commit
-            if self.uploader is not None:
-                self.uploader.checkpoint_ready(checkpoint)  # staged before rotation may delete it
-            deleted = []
-            if self.keep_last:
-                protect = (state_.best_model_checkpoint,) if state_.best_model_checkpoint else ()
-                deleted = state.rotate_checkpoints(self.output_dir, self.keep_last, protect=protect, in_background=True)
-            seconds = time.monotonic() - (self.save_began or time.monotonic())
-            gone = f", removed {', '.join(p.name for p in deleted)}" if deleted else ""
-            print(f"💾 Saved {checkpoint.name} ({self.save_reason or 'Trainer'}, {seconds:.2f}s{gone})", flush=True)
-            self.deadline.save_seconds = seconds
-            self.live.write(self._progress(state_), state_.log_history, self.run_history, steps_per_second=round(self.steps_per_second, 3))
-        self.committed_step = state_.global_step
+            self._wait_for_commit()  # the previous one (long done): commits land in step order
+            protect = (state_.best_model_checkpoint,) if state_.best_model_checkpoint else ()
+            self.committer.commit(self.output_dir / f"{state.CHECKPOINT_PREFIX}{state_.global_step}", state_.global_step,
+                                  self.save_reason or "Trainer", self.save_began or time.monotonic(), protect)  # fmt: skip
+        self.committed_step = state_.global_step  # saved: a second save of this step would rewrite its files in place
         self.save_reason = None
-        self.accelerator.wait_for_everyone()  # no process ends (a stop) before the commit: a launcher would kill the rest
         self.step_ended_at = time.monotonic()  # the save is not the next step's time
 
     def on_log(self, args, state_, control, logs=None, **kwargs):
@@ -193,6 +186,7 @@ class ResumableCallback(TrainerCallback):
 
         self.stopping.settle()
         if self.is_main:
+            self._wait_for_commit()
             state.wait_for_deletions()
         if self.stop_reason is not None:
             if self.is_main:
@@ -213,17 +207,74 @@ class ResumableCallback(TrainerCallback):
 
     def _progress(self, state_) -> state.TrainingState:
         """The Trainer's state in the CLI's trainer_state.json form, for status."""
+        progress = self._progress_of(state_.global_step, state_.epoch or 0.0, state_.max_steps)
+        progress.best_metric, progress.best_model_checkpoint = state_.best_metric, state_.best_model_checkpoint
+        return progress
+
+    def _progress_of(self, global_step: int, epoch: float, total_steps: int | None = None) -> state.TrainingState:
         args, world_size = self.args, self.accelerator.num_processes
         return state.TrainingState(
-            global_step=state_.global_step, total_steps=state_.max_steps, world_size=world_size,
+            global_step=global_step, total_steps=total_steps or global_step, world_size=world_size, stream_epoch=epoch,
             per_device_train_batch_size=args.per_device_train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
             global_batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
-            best_metric=state_.best_metric, best_model_checkpoint=state_.best_model_checkpoint, stream_epoch=state_.epoch or 0.0,
         )  # fmt: skip
+
+    def _wait_for_commit(self) -> None:
+        """The last checkpoint committed; a commit that failed ends the run with one line (exit 1) and the previous checkpoint stands."""
+        try:
+            self.committer.wait()
+        except (OSError, state.NotEnoughDiskSpace, state.SaveFailed) as error:
+            self.requests.ignore_from_now()
+            refuse(f"error: committing a checkpoint failed ({error}); the previous checkpoint stands: free the space or fix the disk, then run the same command again", EXIT_FAILED)
 
     def _refuse(self, line: str):
         self.requests.ignore_from_now()
         refuse(line, EXIT_USAGE)
+
+
+class Committer:
+    """The main process's commits of the Trainer's checkpoints, one at a time on a thread, so training goes on meanwhile.
+
+    Contract. commit(checkpoint, ...) is called once every process has written its files. The thread fsyncs
+    every file and writes manifest.json last (state.write_manifest): from then on the checkpoint is
+    verified. Only after that does it hand the checkpoint to backup_to and rotate older ones away, and print
+    the 💾 line. A checkpoint is visible to a resume only once committed: a kill before leaves it without a
+    manifest, moved aside at the next start, and the previous one is still there. A commit waits for the
+    one before it, so they land in step order. wait() blocks until the last one is done and raises its
+    error (a full disk, a failed fsync) in the training thread, where the run ends with one line.
+    The Trainer does not fsync; this is where that time (tens of ms for a small model, seconds for GBs)
+    goes, off the training thread.
+    """
+
+    def __init__(self, output_dir: Path, keep_last: int | None, uploader, deadline):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.output_dir, self.keep_last, self.uploader, self.deadline = output_dir, keep_last, uploader, deadline
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
+        self.pending = None
+
+    def commit(self, checkpoint: Path, global_step: int, reason: str, began: float, protect: tuple) -> None:
+        self.wait()
+        self.deadline.save_in_flight = True
+        self.pending = self.pool.submit(self._commit, checkpoint, global_step, reason, began, protect)
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def _commit(self, checkpoint: Path, global_step: int, reason: str, began: float, protect: tuple) -> None:
+        try:
+            state.write_manifest(checkpoint, global_step)  # fsyncs every file, then the manifest: the commit
+            if self.uploader is not None:
+                self.uploader.checkpoint_ready(checkpoint)  # staged before rotation may delete it
+            deleted = state.rotate_checkpoints(self.output_dir, self.keep_last, protect=protect, in_background=True) if self.keep_last else []
+            seconds = time.monotonic() - began
+            self.deadline.save_seconds = seconds
+            gone = f", removed {', '.join(p.name for p in deleted)}" if deleted else ""
+            print(f"💾 Saved {checkpoint.name} ({reason}, {seconds:.2f}s{gone})", flush=True)
+        finally:
+            self.deadline.save_in_flight = False
 
 
 def checkpoint_to_resume(trainer) -> str | None:
@@ -263,7 +314,39 @@ def checkpoint_to_resume(trainer) -> str | None:
         say("🆕 Starting new training")
         return None
     say(f"🔄 Found checkpoint: {Path(decision.checkpoint).name}")
+    recorded = json.loads((Path(decision.checkpoint) / state.TRAINER_STATE_NAME).read_text())
+    if recorded.get("max_steps") and recorded.get("global_step", 0) >= recorded["max_steps"]:
+        _train_nothing_but_load(trainer, callback, decision.checkpoint, recorded)
     return decision.checkpoint
+
+
+def _train_nothing_but_load(trainer, callback: ResumableCallback, checkpoint: str, recorded: dict) -> None:
+    """The run ended at its last step (killed before the script's own final save, or run again): trainer.train() loads
+    that checkpoint's weights, as for any resume, and returns without a step, so the script's code after it writes the
+    final model as the uninterrupted run did.
+
+    Why: resumed at max_steps in the middle of an epoch, the Trainer trains one step more before it checks max_steps
+    (transformers 5.24: _run_epoch checks after a step) and saves checkpoint-<max_steps + 1>, at every rerun. train()
+    looks up self._inner_training_loop after it has loaded the weights: that is what is replaced, on this trainer only.
+    Under DeepSpeed or FSDP the weights load inside that loop, so there the Trainer is left as it is.
+    """
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return
+    step = recorded["global_step"]
+
+    def training_loop_already_done(*args, **kwargs):
+        trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / state.TRAINER_STATE_NAME))
+        if callback.is_main:
+            callback.live.write(callback._progress_of(step, recorded.get("epoch") or 0.0), recorded.get("log_history", []), callback.run_history,
+                                stop_reason="complete", training_complete=True)  # fmt: skip
+        callback.requests.ignore_from_now()
+        return TrainOutput(step, 0.0, {})
+
+    trainer.accelerator.print(f"✅ Training is already complete ({step} of {recorded['max_steps']} steps): {Path(checkpoint).name}'s weights are loaded, nothing is trained")
+    trainer._inner_training_loop = training_loop_already_done
 
 
 __all__ = ["ResumableCallback", "checkpoint_to_resume"]

@@ -169,3 +169,10 @@ def test_library_overhead_benchmark_times_the_example_beside_the_same_loop_witho
     assert [row[0] for row in rows] == ["plain loop", "plain loop + accelerator.save_state", "resumable (examples/digits_classifier.py)"]
     assert all(number(row[1]) > 0 for row in rows)
     assert rows[2][3] == "1.000x (1.000)"  # the library against itself
+
+
+def test_trainer_overhead_benchmark_times_the_trainer_script_with_and_without_the_two_lines(session_env):
+    rows = run_bench(session_env, "trainer_overhead.py", "--steps", 40, "--rounds", 1, "--save_steps", 20)
+    assert [(row[0], row[1]) for row in rows] == [("20", "plain Trainer script"), ("20", "with resumable.trainer")]
+    assert all(number(row[2]) > 0 for row in rows)
+    assert rows[1][4] == "1.000x (1.000)"  # the integration against itself

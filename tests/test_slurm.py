@@ -104,3 +104,38 @@ def test_multinode_job_with_two_tasks_as_two_machines_requeues_itself_and_finish
     assert "requeueing job" in text and "run 2:" in text, text[-3000:]
     assert "Saved checkpoint-" in text and ("(SIGUSR1" in text or "(deadline" in text)
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+
+
+@pytest.mark.parametrize("example", ["digits_classifier", "hf_trainer"])
+def test_own_script_job_hits_its_time_limit_requeues_itself_and_finishes_byte_identical(tmp_path, session_env, reference_runs, example):
+    """slurm/script.sbatch running a user's own script: a resumable.Run loop, or a Trainer script with resumable.trainer's two lines.
+
+    Paced as the CLI's jobs are (tests/example_harness.py EXAMPLE_STEP_SECONDS): 1000 steps of 0.1 s outlast one
+    allocation's 90 s, and fit in two."""
+    if not cluster_is_up():
+        pytest.skip("no SLURM cluster here: run tests/slurm/start_cluster.sh (as root) first")
+    from test_library import example_launcher
+
+    command = example_launcher(example, 1)  # python tests/example_harness.py examples/NAME.py
+    flags = ["--max_steps", str(round(RUN_SECONDS / STEP_SECONDS)), "--save_steps", "200"]
+    reference = reference_runs(flags, launcher=command)
+    output_dir, log = tmp_path / "run", tmp_path / "job.log"
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", f"--time={MINUTES}", f"--output={log}", f"--chdir={REPO}", "--signal=B:USR1@30",
+         str(REPO / "slurm" / "script.sbatch"), *command, "--output_dir", str(output_dir), *flags],
+        env={**session_env, "EXAMPLE_STEP_SECONDS": str(STEP_SECONDS)}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    job_id = submitted.stdout.strip().split(";")[0]
+    try:
+        deadline = time.monotonic() + 900
+        while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip() and time.monotonic() < deadline:
+            time.sleep(5)  # the job's end, not training_complete: a Trainer script saves its final model after train() returns
+    finally:
+        subprocess.run(["scancel", job_id])
+    text = log.read_text()
+    assert "🔁 requeueing job" in text and "run 2 on" in text and "exited with 0" in text, text[-3000:]
+    assert "🛑 Stopping at step " in text and ("SIGUSR1" in text or ": deadline" in text), text[-3000:]
+    live = json.loads((output_dir / "trainer_state.json").read_text())
+    resumes = [entry for entry in live["run_history"] if entry["event"] == "resume"]
+    assert resumes and all(entry["previous_stop"] in ("SIGUSR1", "deadline", "SIGTERM") for entry in resumes), live["run_history"]
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")

@@ -170,3 +170,16 @@ def test_misuse_gets_one_line_and_exit_2(tmp_path, session_env, case):
     assert result.returncode == 2, result.stdout + result.stderr
     assert line in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_a_run_killed_after_its_last_step_before_the_final_save_trains_nothing_more_and_writes_the_same_model(tmp_path, session_env, reference_runs):
+    """The Trainer alone, resumed at max_steps in the middle of an epoch, trains a step more (and saves checkpoint-<max_steps + 1>)."""
+    reference = reference_runs(SHORT, launcher=ONE_PROCESS)
+    output_dir = tmp_path / "run"
+    shutil.copytree(reference, output_dir)
+    (output_dir / "model.safetensors").unlink()  # killed after train() returned, before trainer.save_model()
+    rerun = train(session_env, output_dir, SHORT, launcher=ONE_PROCESS)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "✅ Training is already complete (100 of 100 steps): checkpoint-100's weights are loaded, nothing is trained" in rerun.stdout
+    assert not (output_dir / "checkpoint-101").exists() and "Held-out loss" in rerun.stdout
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
