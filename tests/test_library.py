@@ -283,6 +283,9 @@ def test_pip_install_of_the_checkout_into_a_fresh_venv_runs_the_example_outside_
                             cwd=away, env=environment, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert (away / "D" / "model.safetensors").is_file() and "🏁 Training complete: 60 steps" in result.stdout
+    status = subprocess.run([python, "-m", "resumable.status", "--output_dir", "D"], cwd=away, env=environment, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "D: complete" in status.stdout and "step 60 / 60" in status.stdout, status.stdout + status.stderr
+    assert "checkpoint-60" in status.stdout and "✅" in status.stdout  # verified against its manifest, without the CLI
 
     probe = "import sys, resumable; print(resumable.__file__); print(sorted(m for m in ('transformers', 'datasets', 'peft', 'torch') if m in sys.modules))"
     imported = subprocess.run([python, "-c", probe], cwd=away, env=environment, capture_output=True, text=True, timeout=120)
