@@ -38,6 +38,7 @@ QUICK = [
     "test_async_save.py::test_snapshot_is_the_state_of_the_save_step_while_training_goes_on",
     "test_status.py::test_status_of_an_empty_a_running_an_interrupted_a_damaged_and_a_finished_run",
     "test_library.py::test_example_killed_inside_and_between_saves_and_stopped_ends_byte_identical[digits_classifier-1-process]",
+    "test_trainer.py::test_trainer_killed_inside_and_between_saves_and_stopped_ends_byte_identical[1-process]",
 ]  # fmt: skip
 # Tests that compare times they measure or pin processes to cores: ./tests/run.sh runs the others on
 # every core at once (pytest-xdist), then these alone (marker `serial`). A file or file::test.
