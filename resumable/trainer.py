@@ -38,7 +38,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from resumable import state
-from resumable.errors import EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE
+from resumable.errors import EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, UsageError
 from resumable.run import refuse
 from resumable.starting import Wording
 
@@ -68,7 +68,7 @@ class ResumableCallback(TrainerCallback):
 
         try:
             self.max_time = parse_duration(str(max_time), "ResumableCallback(max_time=...)") if max_time is not None else None
-        except Exception as error:  # UsageError
+        except UsageError as error:
             refuse(f"error: {error}", EXIT_USAGE)
         if keep_last is not None and keep_last < 1:
             refuse("error: ResumableCallback(keep_last=...) must be at least 1: the newest checkpoint is what a resume needs", EXIT_USAGE)
@@ -86,7 +86,7 @@ class ResumableCallback(TrainerCallback):
         self.save_reason = None
         self.save_began = None
         self.step_ended_at = None
-        self.rate_from = None  # (time, step) of the last steps/s measurement
+        self.rate_from_time, self.rate_from_step = None, 0  # where the last steps/s measurement began
         self.steps_per_second = 0.0
 
     # ------------------------------------------------------------------ start
