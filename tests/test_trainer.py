@@ -97,11 +97,11 @@ def test_kill_inside_a_trainer_save_crashes_every_rerun_of_the_plain_script_and_
     assert file_digest(resumable_dir / "model.safetensors") == file_digest(reference_runs(SHORT, launcher=ONE_PROCESS) / "model.safetensors")
 
 
-@pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-processes"])
-def test_the_trainers_own_resume_is_byte_identical_and_the_two_lines_change_no_weight(tmp_path, session_env, reference_runs, processes):
+def test_the_trainers_own_resume_is_byte_identical_and_the_two_lines_change_no_weight(tmp_path, session_env, reference_runs):
     """Measured, not assumed: the plain Trainer killed between saves and resumed, against its uninterrupted run,
-    and the run with the two lines against the run without them."""
-    runner = launcher(processes)
+    and the run with the two lines against the run without them. On 2 processes, the harder case (one process
+    was measured too, by hand and in an earlier version of this test: byte-identical)."""
+    runner = launcher(2)
     plain_reference = reference_runs(FLAGS + PLAIN, launcher=runner)
     with_the_lines = reference_runs(FLAGS, launcher=runner)
     assert file_digest(with_the_lines / "model.safetensors") == file_digest(plain_reference / "model.safetensors")
