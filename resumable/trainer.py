@@ -149,6 +149,8 @@ class ResumableCallback(TrainerCallback):
             self.save_reason = "every save_steps" if str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps" else "Trainer"
         if control.should_save:
             self.save_began = now
+            if self.is_main:
+                self._check_free_space(kwargs.get("model"))
         return control
 
     def on_epoch_end(self, args, state_, control, **kwargs):
@@ -226,6 +228,15 @@ class ResumableCallback(TrainerCallback):
         except (OSError, state.NotEnoughDiskSpace, state.SaveFailed) as error:
             self.requests.ignore_from_now()
             refuse(f"error: committing a checkpoint failed ({error}); the previous checkpoint stands: free the space or fix the disk, then run the same command again", EXIT_FAILED)
+
+    def _check_free_space(self, model) -> None:
+        """Before the Trainer writes a checkpoint (main process): one line and exit 1 if it will not fit, instead of its traceback half-way."""
+        self._wait_for_commit()  # the space the last rotation frees counts
+        try:
+            state.check_free_space(self.output_dir, model)
+        except state.NotEnoughDiskSpace as full:
+            self.requests.ignore_from_now()
+            refuse(f"error: {full}; the previous checkpoint stands: free some space, then run the same command again", EXIT_FAILED)
 
     def _refuse(self, line: str):
         self.requests.ignore_from_now()

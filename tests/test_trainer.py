@@ -183,3 +183,20 @@ def test_a_run_killed_after_its_last_step_before_the_final_save_trains_nothing_m
     assert "✅ Training is already complete (100 of 100 steps): checkpoint-100's weights are loaded, nothing is trained" in rerun.stdout
     assert not (output_dir / "checkpoint-101").exists() and "Held-out loss" in rerun.stdout
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+
+
+def test_a_checkpoint_that_will_not_fit_ends_the_trainer_script_in_one_line_and_keeps_every_checkpoint(tmp_path, session_env):
+    """Without the check the Trainer's own save fails half-way with a traceback from deep inside torch.save."""
+    small_disk = tmp_path / "small_disk"
+    small_disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(small_disk)]).returncode:  # two checkpoints of ~1.7 MB
+        pytest.skip("needs permission to mount a tmpfs")
+    try:
+        result = train(session_env, small_disk / "run", SHORT + ["--save_total_limit", "5"], launcher=ONE_PROCESS)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stdout[-2000:] + result.stderr[-2000:]
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith("error: the next checkpoint needs ~") and line.endswith("the previous checkpoint stands: free some space, then run the same command again")
+        assert [path.name for path in sorted(small_disk.glob("run/checkpoint-*"))] == ["checkpoint-20", "checkpoint-40"]
+        assert verified(small_disk / "run", 20) and verified(small_disk / "run", 40)
+    finally:
+        subprocess.run(["umount", str(small_disk)])
