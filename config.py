@@ -100,7 +100,7 @@ class TrainingConfig:
     backup_to: str = flag(None, "also keep checkpoints and the final model in a directory or s3://bucket/prefix; restored from there by the same command")
     backup_total_limit: int = flag(None, "checkpoints kept in --backup_to (default: --save_total_limit)")
     backup_timeout: float = flag(600.0, "seconds the end of training (or a stop) waits for --backup_to to hold the newest state")
-    exit_code_file: str = flag(None, "write the exit code here (launch.sh: accelerate launch reports every failure as 1)")
+    exit_code_file: str = flag(None, "write the exit code here (default: the file launch.sh names in RESUMABLE_EXIT_CODE_FILE; accelerate launch reports every failure as 1)")
 
     def validate(self) -> None:
         """Raise UsageError naming the flag for the first bad value."""

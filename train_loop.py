@@ -37,6 +37,7 @@ from data import DataError, eval_dataloader, input_identities
 from evaluation import evaluate, is_better
 from model import apply_training_switches, build_model, build_optimizer, build_tokenizer, loss_of, model_identity, own_model_files
 from resumable.randomness import enable_full_determinism, micro_batch_seeds, seed_micro_batch
+from resumable.run_script import leave_process_group
 from reporting import TrainingLog
 from saving import CheckpointSaver
 from resumable.state import TrainingState
@@ -342,7 +343,7 @@ def run_cli(argv=None) -> int:
         record_exit_code(config, code)
         if stop is not None:
             stop.ignore_from_now()
-    leave_process_group()  # not after an unexpected error: its traceback still holds the model
+    leave_process_group()  # (resumable.run_script's) not after an unexpected error: its traceback still holds the model
     return code
 
 
@@ -350,25 +351,6 @@ def finish_trackers(accelerator) -> None:
     """accelerator.end_training() without its destroy_process_group(): see leave_process_group for why."""
     for tracker in accelerator.trackers:
         tracker.finish()
-
-
-def leave_process_group() -> None:
-    """Tear down torch.distributed after the model that uses it is gone, so that the teardown cannot deadlock.
-
-    DDP's reducer holds the process group from C++, and is freed with the GIL held. When it drops
-    the last reference (as it did after accelerate's end_training() had destroyed the group),
-    ~ProcessGroupGloo joins gloo's worker threads with the GIL held, while a worker still freeing
-    an all-reduce's tensor waits for the GIL to free its Python object: the rank never exited,
-    nor did its machine's launch.sh (issue 26: the multi-node job that did not requeue). Freed in
-    this order, the last reference is the group's own Python object, which releases the GIL first.
-    """
-    import gc
-
-    import torch.distributed
-
-    gc.collect()  # the model, the accelerator and their reference cycles go while the group still exists
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def lost_another_process(error: RuntimeError) -> bool:
@@ -380,8 +362,10 @@ def lost_another_process(error: RuntimeError) -> bool:
 
 
 def record_exit_code(config: TrainingConfig | None, code: int) -> None:
-    if config is not None and config.exit_code_file and is_main_rank():
-        Path(config.exit_code_file).write_text(f"{code}\n")
+    """For the supervisor (launch.sh's is resumable.launch's): --exit_code_file, else the file it named in the environment."""
+    from resumable.launch import record_exit_code as record
+
+    record(code, config.exit_code_file if config is not None else None)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import subprocess
 import time
 
 from resumable.errors import EXIT_ABORTED, UsageError
+from resumable.launch import record_exit_code
 
 
 class StopRequests:
@@ -36,7 +37,7 @@ class StopRequests:
     def install(self) -> None:
         for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             signal.signal(number, self._on_signal)
-        # launch.sh starts us with them blocked (see supervisor.py): one that came meanwhile runs now.
+        # resumable.launch (and launch.sh) starts us with them blocked: one that came meanwhile runs now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1))
 
     def ignore_from_now(self) -> None:
@@ -59,6 +60,7 @@ class StopRequests:
             # only a press a moment later counts as the second one.
             if now - self._first_interrupt_at > 1.0:
                 self._on_abort()
+                record_exit_code(EXIT_ABORTED)  # for resumable.launch: os._exit skips run_script's record
                 os._exit(EXIT_ABORTED)  # saves are atomic: the previous checkpoint stays valid
             return
         if number == signal.SIGINT:

@@ -164,10 +164,10 @@ def project_training_the_harness(directory: Path) -> dict:
     """The environment for `directory/launch.sh`, a project whose training is tests/harness.py, so that a run
     started by launch.sh (or by a SLURM job: RESUMABLE_HOME) takes the harness's switches.
 
-    The real launch.sh, supervisor and accelerate config; the supervisor is copied, since it runs the
-    train_loop.py beside its own resolved path."""
+    The real launch.sh, supervisor, resumable package and accelerate config; the supervisor is copied,
+    since it runs the train_loop.py beside its own resolved path."""
     directory.mkdir()
-    for name in ("launch.sh", "accelerate_config.yaml", "requirements.txt"):
+    for name in ("launch.sh", "accelerate_config.yaml", "requirements.txt", "resumable"):
         (directory / name).symlink_to(REPO / name)
     shutil.copy(REPO / "supervisor.py", directory)
     (directory / "train_loop.py").write_text(HARNESS_AS_TRAIN_LOOP.format(harness=str(HARNESS)))

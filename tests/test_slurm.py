@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import REPO, file_digest, project_training_the_harness, tiny_flags
+from conftest import PYTHON, REPO, file_digest, project_training_the_harness, tiny_flags
 
 pytestmark = pytest.mark.slow
 
@@ -108,22 +108,28 @@ def test_multinode_job_with_two_tasks_as_two_machines_requeues_itself_and_finish
 
 @pytest.mark.parametrize("example", ["digits_classifier", "hf_trainer"])
 def test_own_script_job_hits_its_time_limit_requeues_itself_and_finishes_byte_identical(tmp_path, session_env, reference_runs, example):
-    """slurm/script.sbatch running a user's own script: a resumable.Run loop, or a Trainer script with resumable.trainer's two lines.
+    """slurm/script.sbatch running a user's own script: a resumable.Run loop on one process (`python script.py`), or a
+    Trainer script with resumable.trainer's two lines on two (`NUM_PROCESSES=2 python -m resumable.launch script.py`,
+    whose 75 survives the launcher).
 
     Paced as the CLI's jobs are (tests/example_harness.py EXAMPLE_STEP_SECONDS): 1000 steps of 0.1 s outlast one
     allocation's 90 s, and fit in two."""
     if not cluster_is_up():
         pytest.skip("no SLURM cluster here: run tests/slurm/start_cluster.sh (as root) first")
-    from test_library import example_launcher
+    from test_library import EXAMPLE_HARNESS, example_launcher
 
-    command = example_launcher(example, 1)  # python tests/example_harness.py examples/NAME.py
     flags = ["--max_steps", str(round(RUN_SECONDS / STEP_SECONDS)), "--save_steps", "200"]
-    reference = reference_runs(flags, launcher=command)
+    if example == "hf_trainer":
+        command, processes = [PYTHON, "-m", "resumable.launch", EXAMPLE_HARNESS, str(REPO / "examples" / "hf_trainer.py")], {"NUM_PROCESSES": "2"}
+        reference = reference_runs(flags, launcher=example_launcher(example, 2))  # the same two processes, uninterrupted
+    else:
+        command, processes = example_launcher(example, 1), {}  # python tests/example_harness.py examples/NAME.py
+        reference = reference_runs(flags, launcher=command)
     output_dir, log = tmp_path / "run", tmp_path / "job.log"
     submitted = subprocess.run(
         ["sbatch", "--parsable", f"--time={MINUTES}", f"--output={log}", f"--chdir={REPO}", "--signal=B:USR1@30",
          str(REPO / "slurm" / "script.sbatch"), *command, "--output_dir", str(output_dir), *flags],
-        env={**session_env, "EXAMPLE_STEP_SECONDS": str(STEP_SECONDS)}, capture_output=True, text=True, check=True,
+        env={**session_env, **processes, "EXAMPLE_STEP_SECONDS": str(STEP_SECONDS)}, capture_output=True, text=True, check=True,
     )  # fmt: skip
     job_id = submitted.stdout.strip().split(";")[0]
     try:
@@ -134,6 +140,7 @@ def test_own_script_job_hits_its_time_limit_requeues_itself_and_finishes_byte_id
         subprocess.run(["scancel", job_id])
     text = log.read_text()
     assert "🔁 requeueing job" in text and "run 2 on" in text and "exited with 0" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
     assert "🛑 Stopping at step " in text and ("SIGUSR1" in text or ": deadline" in text), text[-3000:]
     live = json.loads((output_dir / "trainer_state.json").read_text())
     resumes = [entry for entry in live["run_history"] if entry["event"] == "resume"]

@@ -13,9 +13,9 @@ from conftest import REPO
 from supervisor import TEARDOWN_GRACE_SECONDS
 
 STUCK_TRAINING = r'''
-import signal, subprocess, sys, time
+import os, signal, subprocess, sys, time
 from pathlib import Path
-exit_code_file = Path(sys.argv[sys.argv.index("--exit_code_file") + 1])
+exit_code_file = Path(os.environ["RESUMABLE_EXIT_CODE_FILE"])  # named by the supervisor
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])  # e.g. a data loader worker
 Path(sys.argv[-1]).write_text(f"{child.pid}\n")
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -39,6 +39,7 @@ def test_launch_sh_ends_a_training_stuck_after_recording_its_code_and_exits_with
     project.mkdir()
     for name in ("supervisor.py", "accelerate_config.yaml"):
         shutil.copy(REPO / name, project / name)
+    (project / "resumable").symlink_to(REPO / "resumable")
     (project / "train_loop.py").write_text(STUCK_TRAINING)
     child_pid_file = tmp_path / "child.pid"
 
