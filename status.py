@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import data
-import identity
+from cli import data
+from cli import identity
 from resumable import state, status
 
 

@@ -29,21 +29,21 @@ import time
 from pathlib import Path
 
 from resumable import backup
-import lora
-import resume
+from cli import lora
+from cli import resume
 from resumable import state
-from config import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, TrainingConfig, UsageError, parse_config, parse_duration
-from data import DataError, eval_dataloader, input_identities
-from evaluation import evaluate, is_better
-from model import apply_training_switches, build_model, build_optimizer, build_tokenizer, loss_of, model_identity, own_model_files
+from cli.config import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, TrainingConfig, UsageError, parse_config, parse_duration
+from cli.data import DataError, eval_dataloader, input_identities
+from cli.evaluation import evaluate, is_better
+from cli.model import apply_training_switches, build_model, build_optimizer, build_tokenizer, loss_of, model_identity, own_model_files
 from resumable.randomness import enable_full_determinism, micro_batch_seeds, seed_micro_batch
 from resumable.run_script import leave_process_group
-from reporting import TrainingLog
-from saving import CheckpointSaver
+from cli.reporting import TrainingLog
+from cli.saving import CheckpointSaver
 from resumable.state import TrainingState
 from resumable.stopping import Deadline, StopCheck, StopRequests, process_start_time
-from trackers import Trackers, check_trackers_can_start
-from training_data import load_training_data, training_batches
+from cli.trackers import Trackers, check_trackers_can_start
+from cli.training_data import load_training_data, training_batches
 
 
 def main(config: TrainingConfig, stop: StopRequests) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import identity  # noqa: E402
+from cli import identity  # noqa: E402
 
 
 def drop_from_page_cache(path: Path) -> None:

@@ -36,9 +36,9 @@ def training_blocks(args):
     """The data blocks train_loop.py trains on (data.prepare_datasets, cached), and the tokenizer."""
     from accelerate import PartialState
 
-    from config import parse_config
-    from data import prepare_datasets
-    from model import build_tokenizer
+    from cli.config import parse_config
+    from cli.data import prepare_datasets
+    from cli.model import build_tokenizer
 
     flags = ["--config_name", args.config_name, "--train_file", args.train_file, "--block_size", str(args.block_size), "--output_dir", args.scratch]  # fmt: skip
     config = parse_config(flags)
@@ -64,7 +64,7 @@ def plain_loop(args) -> None:
     import torch
     from transformers import get_scheduler
 
-    from data import Collator
+    from cli.data import Collator
 
     train, tokenizer = training_blocks(args)
     model = fresh_model(args)
@@ -108,7 +108,7 @@ def save_directly(model, optimizer, scratch: Path, step: int, keep: int) -> None
 def trainer_loop(args) -> None:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from data import Collator
+    from cli.data import Collator
 
     class PrintSteps(TrainerCallback):
         def on_step_end(self, training_args, trainer_state, control, **kwargs):

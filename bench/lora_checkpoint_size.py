@@ -38,8 +38,8 @@ def checkpoint_bytes(flags: list[str], output_dir: Path, env: dict, steps: int) 
 
 def trainable_share(model_flags: list[str], lora_r: int) -> tuple[int, int]:
     """(all parameters, parameters that train under LoRA), counted on the model train_loop.py builds."""
-    from config import parse_config
-    from model import apply_training_switches, build_model, build_tokenizer
+    from cli.config import parse_config
+    from cli.model import apply_training_switches, build_model, build_tokenizer
 
     config = parse_config([*model_flags, "--use_lora", "--lora_r", str(lora_r)])
     model, _ = apply_training_switches(build_model(config, build_tokenizer(config), None), config)

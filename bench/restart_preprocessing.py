@@ -23,9 +23,9 @@ import sys, time, json
 sys.path.insert(0, {repo!r})
 started = time.perf_counter()
 from accelerate import PartialState
-from config import parse_config
-from data import prepare_datasets
-from model import build_tokenizer
+from cli.config import parse_config
+from cli.data import prepare_datasets
+from cli.model import build_tokenizer
 config = parse_config({flags!r})
 tokenizer = build_tokenizer(config)
 imported = time.perf_counter()

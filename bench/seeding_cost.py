@@ -34,7 +34,7 @@ def time_steps(args) -> dict:
 
     from resumable import randomness
     import train_loop
-    from data import Collator
+    from cli.data import Collator
 
     train, tokenizer = training_blocks(args)
     train_loop.keep_freed_memory_for_reuse()

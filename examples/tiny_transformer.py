@@ -7,7 +7,7 @@ The contract with train_loop.py (model.py's docstring has it whole):
   - its forward takes the batch as keyword arguments (input_ids, labels) and returns the mean
     loss (a scalar tensor), which the loop backpropagates.
 Everything else (checkpoints, exact resume, the final model.safetensors) is the loop's job.
-Load the trained model again with `model.load_own_model(OUTPUT_DIR)`.
+Load the trained model again with `cli.model.load_own_model(OUTPUT_DIR)`.
 """
 
 import torch

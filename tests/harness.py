@@ -108,7 +108,7 @@ if upload_kill_step:
 
 pause_step = os.environ.get("HARNESS_PAUSE_AFTER")
 if pause_step:
-    import saving  # noqa: E402
+    from cli import saving  # noqa: E402
 
     original_saved = saving.CheckpointSaver.saved
 
@@ -139,7 +139,7 @@ if record_file or seeds_file:
 
 reads_file = os.environ.get("HARNESS_RECORD_READS")
 if reads_file:
-    import streaming  # noqa: E402
+    from cli import streaming  # noqa: E402
 
     def record(line):
         with open(reads_file, "a") as handle:

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from config import TrainingConfig
+from cli.config import TrainingConfig
 
 README = REPO / "README.md"
 PAGES = sorted((REPO / "docs").rglob("*.md"))
@@ -154,7 +154,7 @@ def test_every_relative_link_resolves():
 def program_strings() -> list[str]:
     """Every string constant of the program, cut at f-string placeholders; and each line of its shell scripts."""
     pieces = []
-    for path in [*REPO.glob("*.py"), *REPO.glob("resumable/*.py")]:
+    for path in [*REPO.glob("*.py"), *REPO.glob("resumable/*.py"), *REPO.glob("cli/*.py")]:
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 pieces.append(node.value)  # an f-string's text between placeholders is such a Constant too

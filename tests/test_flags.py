@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import REPO, tiny_flags, train
 
-from config import LR_SCHEDULER_TYPES, TrainingConfig, UsageError, parse_config
+from cli.config import LR_SCHEDULER_TYPES, TrainingConfig, UsageError, parse_config
 
 BOOLEAN_FLAGS = [field.name for field in dataclasses.fields(TrainingConfig) if field.type in ("bool", "bool | None")]
 
@@ -50,7 +50,7 @@ def test_the_scheduler_names_are_transformers_and_a_wrong_one_is_refused_before_
 
     assert LR_SCHEDULER_TYPES == tuple(kind.value for kind in SchedulerType)
     probe = "\n".join([
-        "import sys, config",
+        "import sys; from cli import config",
         f"try: config.parse_config(['--output_dir', {str(tmp_path / 'out')!r}, '--lr_scheduler_type', 'cosin']).validate()",
         "except config.UsageError as error: print(error)",
         "print(sorted(name for name in ('torch', 'transformers', 'datasets') if name in sys.modules))",

@@ -99,8 +99,8 @@ print("restored scale", accelerator.scaler.get_scale())
 
 @pytest.mark.slow
 def test_gradient_checkpointing_killed_and_resumed_ends_byte_identical(tmp_path, session_env, corpus, reference_runs):
-    from config import parse_config
-    from model import apply_training_switches, build_model, build_tokenizer
+    from cli.config import parse_config
+    from cli.model import apply_training_switches, build_model, build_tokenizer
 
     flags = tiny_flags(corpus, **FLAGS, gradient_checkpointing=True)
     config = parse_config(flags)
@@ -171,7 +171,7 @@ def test_the_first_step_compilation_included_does_not_count_in_the_deadlines_ste
 
 
 def test_what_a_resume_compares_old_checkpoints_precision_and_the_lora_base():
-    from config import UsageError, compare_with_checkpoint
+    from cli.config import UsageError, compare_with_checkpoint
 
     identities = {"data_content": "c0ffee"}  # recorded since inputs are compared by content (test_moving.py covers their absence)
     now = {"seed": 42, "mixed_precision": "no", "torch_compile": False, "gradient_checkpointing": False, **identities}

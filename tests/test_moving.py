@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-import identity
-from config import UsageError, compare_with_checkpoint
+from cli import identity
+from cli.config import UsageError, compare_with_checkpoint
 from resumable import state
 from conftest import PYTHON, REPO, file_digest, kill_when, tiny_flags, train
 

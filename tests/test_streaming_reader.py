@@ -13,8 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from resumable import state  # noqa: E402
-import streaming  # noqa: E402
-from config import TrainingConfig  # noqa: E402
+from cli import streaming  # noqa: E402
+from cli.config import TrainingConfig  # noqa: E402
 from conftest import tiny_flags, train  # noqa: E402
 
 ROWS = [f"row {i} " + "word " * (i % 7) for i in range(500)]

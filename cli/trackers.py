@@ -38,7 +38,7 @@ import struct
 from pathlib import Path
 
 from resumable import state
-from config import TrainingConfig
+from cli.config import TrainingConfig
 from resumable.errors import UsageError
 from resumable.state import TrainingState
 

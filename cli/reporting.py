@@ -14,7 +14,7 @@ from pathlib import Path
 
 from resumable import state
 from resumable.state import TrainingState
-from trackers import Trackers
+from cli.trackers import Trackers
 
 
 class ProgressLine:

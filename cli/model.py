@@ -27,8 +27,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-import identity
-from config import TrainingConfig, UsageError
+from cli import identity
+from cli.config import TrainingConfig, UsageError
 
 OWN_MODEL_SOURCE = "model_module.py"  # the copy of --model_module beside the final weights
 OWN_MODEL_RECORD = "own_model.json"  # how to call its build_model again
@@ -91,7 +91,7 @@ def apply_training_switches(model, config: TrainingConfig):
         # Non-reentrant: works with frozen inputs (LoRA) and replays the RNG state, so dropout is unchanged.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.use_lora:
-        import lora
+        from cli import lora
 
         record = lora.recorded_settings(config, lora.base_model_fingerprint(model))
         model = lora.add_adapters(model, config)

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from resumable import state
-from config import TrainingConfig, UsageError
+from cli.config import TrainingConfig, UsageError
 
 # Notes from peft and transformers that ask nothing of the user, printed at every start and end.
 warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")  # GPT-2's Conv1D: peft sets it right itself

@@ -13,7 +13,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from config import TrainingConfig, UsageError
+from cli.config import TrainingConfig, UsageError
 from resumable import starting, state
 from resumable.starting import StartDecision
 from resumable.state import TrainingState
@@ -50,7 +50,7 @@ def plan_batches(config: TrainingConfig, world_size: int, checkpoint_state: Trai
     """
     stream_note = None
     if config.streaming:
-        import streaming
+        from cli import streaming
 
         stream_note = streaming.check_world_size(checkpoint_state, world_size, config.allow_config_change)
     plan = _keep_the_global_batch(config, world_size, checkpoint_state)
@@ -97,7 +97,7 @@ def resume_or_start(accelerator, decision: StartDecision, run_args: dict, progre
     """Every rank: load the chosen checkpoint into the prepared objects and `progress`, saying what it
     does; the log_history to continue (empty for a new run). A result-changing difference from the
     checkpoint's flags raises UsageError (unless allowed)."""
-    from config import compare_with_checkpoint
+    from cli.config import compare_with_checkpoint
 
     say = accelerator.print
     if not decision.checkpoint:

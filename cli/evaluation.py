@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from resumable import state
-from model import loss_of
+from cli.model import loss_of
 
 
 def evaluate(accelerator, model, eval_dataloader, task: str) -> dict:

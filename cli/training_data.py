@@ -6,9 +6,9 @@ validation loaders) and data.py never imports streaming.py back.
 
 from __future__ import annotations
 
-import class_labels
-import data
-import streaming
+from cli import class_labels
+from cli import data
+from cli import streaming
 
 
 def load_training_data(config, tokenizer, accelerator) -> tuple:

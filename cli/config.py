@@ -17,12 +17,12 @@ import os
 import re
 from pathlib import Path
 
-from data import TASKS, data_builder_for
+from cli.data import TASKS, data_builder_for
 from resumable.errors import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, UsageError  # noqa: F401 (re-exported)
 from resumable.settings import refuse_changed_settings
 from resumable.stopping import parse_duration  # noqa: F401 (re-exported)
 
-REPO_DIR = Path(__file__).resolve().parent
+REPO_DIR = Path(__file__).resolve().parent.parent  # the checkout: cli/ is in it
 DEFAULT_MODEL_CONFIG = REPO_DIR / "configs" / "gpt2-small-byte.json"
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # --report_to names, each also the package to install
 
@@ -158,7 +158,7 @@ class TrainingConfig:
         if self.label_names is not None:
             if self.task != "sequence-classification":
                 raise UsageError("--label_names is for --task sequence-classification")
-            from class_labels import parse_label_names
+            from cli.class_labels import parse_label_names
 
             parse_label_names(self.label_names)
         if self.train_file and self.dataset_name:
@@ -191,7 +191,7 @@ class TrainingConfig:
             raise UsageError(f"--backup_timeout must not be negative (got {self.backup_timeout})")
 
     def _validate_streaming(self) -> None:
-        from streaming import expand_train_files
+        from cli.streaming import expand_train_files
 
         if self.max_steps <= 0:
             raise UsageError("--streaming needs --max_steps: a stream has no known length")

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from resumable import state
-from config import TrainingConfig
-from reporting import TrainingLog
+from cli.config import TrainingConfig
+from cli.reporting import TrainingLog
 from resumable.state import TrainingState
 from resumable.stopping import Deadline
 

@@ -18,8 +18,8 @@ import math
 import sysconfig
 from pathlib import Path
 
-import class_labels
-import identity
+from cli import class_labels
+from cli import identity
 from resumable.batches import optimizer_steps_of_epoch
 from resumable.errors import DataError  # noqa: F401 (re-exported: callers import it from here)
 

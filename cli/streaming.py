@@ -55,8 +55,8 @@ from pathlib import Path
 
 import numpy as np
 
-from class_labels import UnknownLabel, label_ids, unknown_label_line
-from data import data_builder_for
+from cli.class_labels import UnknownLabel, label_ids, unknown_label_line
+from cli.data import data_builder_for
 from resumable.errors import DataError, UsageError
 
 CHUNK_BYTES = 128 << 10  # rows handed to a tokenizing worker at a time: ~128 KiB of text
@@ -232,7 +232,7 @@ class TrainingStream:
     """One rank's endless stream of training batches; see the module docstring for the contract."""
 
     def __init__(self, config, tokenizer, files: list[str], rank: int, world_size: int, per_device_batch: int, device, label_names=None):
-        from data import Collator
+        from cli.data import Collator
 
         self.config, self.tokenizer, self.files, self.label_names = config, tokenizer, files, label_names
         self.rank, self.world_size, self.per_device_batch, self.device = rank, world_size, per_device_batch, device
@@ -532,7 +532,7 @@ def stream_label_names(files: list[str], config, say=print) -> list:
 
 def validation_data(config, tokenizer, accelerator, names):
     """--validation_file, loaded and tokenized the usual (cached, in-memory) way: evaluation data is small."""
-    from data import causal_lm_blocks, classification_examples, load_validation_file
+    from cli.data import causal_lm_blocks, classification_examples, load_validation_file
 
     if not config.validation_file:
         return None
