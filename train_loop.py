@@ -369,4 +369,6 @@ def record_exit_code(config: TrainingConfig | None, code: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli())
+    from resumable.launch import exit_status_for_the_launcher
+
+    sys.exit(exit_status_for_the_launcher(run_cli()))  # the code itself is recorded for launch.sh

@@ -248,6 +248,18 @@ def record_exit_code(code: int, path: str | None = None) -> None:
         Path(path).write_text(f"{code}\n")
 
 
+def exit_status_for_the_launcher(code: int) -> int:
+    """What a training process exits with, once record_exit_code has recorded `code` for the supervisor.
+
+    0 for a planned end (75 stopped early, 2 refused), which every rank reaches alike: to the launcher it is
+    then a success, where torchrun would print a ChildFailedError traceback for a normal stop. Any other
+    code is kept, so that torchrun still ends the other ranks after a crash. Without a supervisor, `code`.
+    """
+    if code in (EXIT_STOPPED_EARLY, EXIT_USAGE) and os.environ.get(EXIT_CODE_FILE_VARIABLE):
+        return EXIT_DONE
+    return code
+
+
 def supervise(training: list[str], retries: int = 0, *, config_file: str | None = None, who: str = "resumable.launch") -> int:
     """Run `accelerate launch [config] TRAINING...` until it has really ended (retried up to `retries` times); its exit code.
 

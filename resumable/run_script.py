@@ -16,7 +16,7 @@ import os
 import runpy
 import sys
 
-from resumable.launch import EXIT_CODE_FILE_VARIABLE, EXIT_STOPPED_EARLY, EXIT_USAGE, record_exit_code
+from resumable.launch import exit_status_for_the_launcher, record_exit_code
 
 
 def run(script: str) -> int:
@@ -70,11 +70,7 @@ def main() -> int:
     code = run(script)
     leave_process_group()
     record_exit_code(code)
-    if code in (EXIT_STOPPED_EARLY, EXIT_USAGE) and os.environ.get(EXIT_CODE_FILE_VARIABLE):
-        # Recorded, and every rank ends alike: to the launcher a planned end is a success, else it prints
-        # a ChildFailedError traceback for a normal stop. A crash keeps its code, so torchrun still ends the other ranks.
-        return 0
-    return code
+    return exit_status_for_the_launcher(code)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ anything, except OUTPUT_DIR/loss.png with --plot (pip install matplotlib). The C
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import shutil
 import sys
@@ -162,12 +163,16 @@ def main(argv=None, prog: str = "python -m resumable.status", describe_data=lamb
             print(f"error: nothing to plot in {output_dir}", file=sys.stderr)
             return 2
         report["plot"] = str(plot(output_dir, report))
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_report(report, start_command)
-        if args.plot:
-            print(f"   📈 {report['plot']}")
+    try:
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print_report(report, start_command)
+            if args.plot:
+                print(f"   📈 {report['plot']}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `status | head`: the reader has what it wanted; no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
