@@ -6,7 +6,7 @@
     CheckpointSaver.wait()                   every rank, before a stop or the end: no save in flight
 
 The bytes on disk are state.py's (save_checkpoint, rotate_checkpoints); with --async_save true the
-writing runs in background_save.py, whose docstring holds that contract.
+writing runs in resumable/background_save.py, whose docstring holds that contract.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class CheckpointSaver:
 
     A step is saved at most once (a stop right after a --save_steps save writes nothing more).
     With --async_save true, `save` only snapshots the state and a background thread writes it
-    (background_save.py holds the contract); the checkpoint is rotated and reported when `poll`
+    (resumable/background_save.py holds the contract); the checkpoint is rotated and reported when `poll`
     or `wait` sees it visible. A second save waits for the first. The save's duration (the
     whole write, not the loop's pause) feeds the deadline's margin.
     """
@@ -39,7 +39,7 @@ class CheckpointSaver:
         self.backup = None  # --backup_to: the main process's backup.BackupUploader, set by train_loop
         self.memory_checked = False
         if config.async_save:
-            import background_save  # imports torch: not before main() starts the --max_time clock
+            from resumable import background_save  # imports torch: not before main() starts the --max_time clock
 
             reason = background_save.unsupported_reason(accelerator)
             if reason:

@@ -76,7 +76,7 @@ if slow_save:
 
 slow_write = os.environ.get("HARNESS_SLOW_WRITE")
 if slow_write:
-    import background_save  # noqa: E402
+    from resumable import background_save  # noqa: E402
 
     original_write_file = background_save._write_file
 
@@ -89,7 +89,7 @@ if slow_write:
 
 host_memory = os.environ.get("HARNESS_HOST_MEMORY")
 if host_memory:
-    import background_save  # noqa: E402
+    from resumable import background_save  # noqa: E402
 
     background_save.available_host_memory = lambda: int(host_memory)
 
