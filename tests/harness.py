@@ -108,16 +108,16 @@ if upload_kill_step:
 
 pause_step = os.environ.get("HARNESS_PAUSE_AFTER")
 if pause_step:
-    import saving  # noqa: E402
+    from resumable.saving import StepSaver  # noqa: E402
 
-    original_saved = saving.CheckpointSaver.saved
+    original_report = StepSaver._report
 
-    def saved_then_pause(self, path, *args):
-        original_saved(self, path, *args)  # handed to the upload, rotated, reported
+    def report_then_pause(self, path, *args):
+        original_report(self, path, *args)  # handed to the upload, rotated, reported
         if Path(path).name == f"{state.CHECKPOINT_PREFIX}{pause_step}":
             time.sleep(600)
 
-    saving.CheckpointSaver.saved = saved_then_pause
+    StepSaver._report = report_then_pause
 
 record_file = os.environ.get("HARNESS_RECORD_BATCHES")
 seeds_file = os.environ.get("HARNESS_RECORD_SEEDS")
