@@ -5,7 +5,7 @@
 
 blocked: the GPT-2-style models of bench/save_cost.py (AdamW after one step, a real
 Accelerator(cpu=True)), in one process. Each round saves once with state.save_checkpoint (the
-synchronous save: the loop waits for all of it) and once with background_save.BackgroundSaver
+synchronous save: the loop waits for all of it) and once with resumable.background_save.BackgroundSaver
 (`start`: what the loop waits for; then `wait`, whose time the loop would spend training), in
 alternating order. Two untimed rounds first (the first snapshots allocate and fault in their
 buffers, which are then reused; the first one's blocked time is printed separately). Ratios are
@@ -66,7 +66,7 @@ def blocked_round(accelerator, model, saver, scratch: Path, order: tuple, step: 
 def measure_blocked(args) -> None:
     from accelerate import Accelerator
 
-    import background_save
+    from resumable import background_save
 
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     accelerator = Accelerator(cpu=True)

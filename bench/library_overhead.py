@@ -1,14 +1,17 @@
 """Benchmark: examples/digits_classifier.py with the library against the same loop without it, side by side.
 
-    .venv/bin/python bench/library_overhead.py [--steps 3000] [--rounds 5] [--save_steps 200]
+    .venv/bin/python bench/library_overhead.py [--steps 3000] [--rounds 5] [--save_steps 200] [--async_save]
 
-Three programs, each started fresh, in alternation (round 1: A B C, round 2: A B C, ...), and the
-loop's own time measured inside the process (from the first batch to the last step), so start-up does
-not blur a few-percent difference:
+Three programs (four with --async_save), each started fresh, in alternation (round 1: A B C, round 2:
+A B C, ...), and the loop's own time measured inside the process (from the first batch to the last step;
+for C and D to the end of finish()'s wait for a save still being written), so start-up does not blur a
+few-percent difference:
   A  the plain loop: the example's Dataset, model, optimizer and schedule, no checkpoints at all;
   B  the plain loop with accelerator.save_state(...) every --save_steps, as a user would checkpoint by hand;
-  C  examples/digits_classifier.py as it ships (resumable.Run, a verified checkpoint every --save_steps).
-Prints a Markdown table: steps/s per program (median of the rounds) and C / A, C / B per round.
+  C  examples/digits_classifier.py as it ships (resumable.Run, a verified checkpoint every --save_steps);
+  D  with --async_save: the same with its --async_save (Run(async_save=True): the checkpoints written on a thread).
+Prints a Markdown table: steps/s per program (median of the rounds) and C / A, C / B per round; with
+--async_save, also D / C per round (what background saves gain or lose against synchronous ones).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "digits_classifier.py"
 
-# The example as it ships, timed from its first batch (after run.start()) to its last run.step().
+# The example as it ships, timed from its first batch (after run.start()) to its last run.step() or the
+# last wait for a save in flight (finish() waits for the final step's background save).
 WITH_LIBRARY = """
 import runpy, sys, time
 sys.path.insert(0, {repo!r})
@@ -40,7 +44,14 @@ def timed_step(self, **values):
     marks["ended"] = time.perf_counter()
     return result
 resumable.run.Run.start, resumable.run.Run.step = timed_start, timed_step
-sys.argv = [{example!r}, "--output_dir", {output_dir!r}, "--max_steps", "{steps}", "--save_steps", "{save_steps}"]
+import resumable.saving
+wait = resumable.saving.StepSaver.wait
+def timed_wait(self):
+    result = wait(self)
+    marks["ended"] = time.perf_counter()  # finish() waits for the last background save: its write counts (D)
+    return result
+resumable.saving.StepSaver.wait = timed_wait
+sys.argv = [{example!r}, "--output_dir", {output_dir!r}, "--max_steps", "{steps}", "--save_steps", "{save_steps}", *{extra!r}]
 try:
     runpy.run_path({example!r}, run_name="__main__")
 except SystemExit:
@@ -101,23 +112,32 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--save_steps", type=int, default=200)
+    parser.add_argument("--async_save", action="store_true", help="also time the example with --async_save (D)")
     args = parser.parse_args()
     names = ["plain loop", "plain loop + accelerator.save_state", "resumable (examples/digits_classifier.py)"]
+    if args.async_save:
+        names.append("resumable, --async_save")
     measured = {name: [] for name in names}
     for _ in range(args.rounds):
         with tempfile.TemporaryDirectory() as directory:
             common = dict(steps=args.steps, save_steps=args.save_steps, example_dir=str(EXAMPLE.parent))
             measured[names[0]].append(steps_per_second(PLAIN.format(save=False, output_dir=f"{directory}/a", **common)))
             measured[names[1]].append(steps_per_second(PLAIN.format(save=True, output_dir=f"{directory}/b", **common)))
-            measured[names[2]].append(steps_per_second(WITH_LIBRARY.format(repo=str(REPO), example=str(EXAMPLE), output_dir=f"{directory}/c", steps=args.steps, save_steps=args.save_steps)))
+            example = dict(repo=str(REPO), example=str(EXAMPLE), steps=args.steps, save_steps=args.save_steps)
+            measured[names[2]].append(steps_per_second(WITH_LIBRARY.format(output_dir=f"{directory}/c", extra=[], **example)))
+            if args.async_save:
+                measured[names[3]].append(steps_per_second(WITH_LIBRARY.format(output_dir=f"{directory}/d", extra=["--async_save"], **example)))
     library = measured[names[2]]
-    print(f"{args.steps} steps, a save every {args.save_steps} (B, C), {args.rounds} rounds, threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n")
+    print(f"{args.steps} steps, a save every {args.save_steps} (B, C{', D' if args.async_save else ''}), {args.rounds} rounds, threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n")
     print("| program | steps/s (median) | each round | resumable / this: median (each round) |")
     print("|---|---|---|---|")
     for name in names:
         ratios = [mine / theirs for mine, theirs in zip(library, measured[name])]
         each = ", ".join(f"{value:.1f}" for value in measured[name])
         print(f"| {name} | {statistics.median(measured[name]):.1f} | {each} | {statistics.median(ratios):.3f}x ({', '.join(f'{r:.3f}' for r in ratios)}) |")
+    if args.async_save:
+        gains = [background / synchronous for background, synchronous in zip(measured[names[3]], library)]
+        print(f"\n--async_save / synchronous saves (D / C): {statistics.median(gains):.3f}x ({', '.join(f'{g:.3f}' for g in gains)})")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_time", default=None, help="stop with a checkpoint before this much time: 5400, 90m, 1h30m")
     parser.add_argument("--backup_to", default=None, help="also keep checkpoints in this folder or s3://bucket/prefix (pip install obstore)")
+    parser.add_argument("--async_save", action="store_true", help="write checkpoints in the background while training goes on")
     args = parser.parse_args()
 
     from sklearn.datasets import load_digits
@@ -76,7 +77,7 @@ def main() -> int:
 
     settings = {name: value for name, value in vars(args).items() if name in ("max_steps", "learning_rate", "per_device_train_batch_size", "seed")}  # resumable
     run = resumable.Run(accelerator, args.output_dir, max_steps=args.max_steps, save_steps=args.save_steps, settings=settings,  # resumable
-                        max_time=args.max_time, backup_to=args.backup_to)  # resumable
+                        max_time=args.max_time, backup_to=args.backup_to, async_save=args.async_save)  # resumable
     run.start()  # resumable
 
     model.train()

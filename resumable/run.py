@@ -12,7 +12,9 @@ Guarantees (every rank calls every method, in the same order):
 - `checkpoint-N` holds the state after N optimizer steps, whatever the gradient accumulation.
   A checkpoint is written by resumable/state.py's save_checkpoint: a temporary directory, every
   file fsynced, the manifest (size and XXH3 of each file) last, an atomic rename. Old ones are
-  rotated away only after the new one is committed, and the newest is never deleted.
+  rotated away only after the new one is committed, and the newest is never deleted. With
+  async_save=True a thread writes the same files while training goes on (resumable/saving.py,
+  resumable/background_save.py); rotation, backup_to and the "Saved" line wait for the commit.
 - `start` takes OUTPUT_DIR's lock (one run per directory), removes what interrupted saves left,
   and loads the newest checkpoint whose every byte matches its manifest; a damaged newer one is
   moved aside with one line. Everything registered (the accelerator's prepared models,
@@ -73,6 +75,11 @@ class Run:
     save_steps            save every N optimizer steps (and at the last one)
     save_minutes          and/or whenever this much wall time has passed since the last save
     keep_last             keep the newest K checkpoints (never fewer than one complete one)
+    async_save            write each checkpoint in the background: the loop stops only to copy the state into host
+                          memory, and the checkpoint is rotated, handed to backup_to and reported once it is committed
+                          (resumable/background_save.py holds the contract). A stop, the end and the next save wait for
+                          it. Saved synchronously instead, after one warning line: with too little host memory for the
+                          copy, under FSDP/DeepSpeed/Megatron/XLA, or with objects given to register()
     max_time              stop with a checkpoint before this much time since the process started
                           (seconds, or '90m', '1h30m', '01:30:00'); a SLURM job's end time counts too
     settings              the run's result-defining settings (learning rate, batch size, ...): recorded
@@ -95,6 +102,7 @@ class Run:
         save_steps: int | None = 500,
         save_minutes: float | None = None,
         keep_last: int = 3,
+        async_save: bool = False,
         max_time: float | str | None = None,
         settings: dict | None = None,
         allow_settings_change: bool = False,
@@ -107,9 +115,9 @@ class Run:
         self.accelerator = accelerator
         self.output_dir = Path(output_dir)
         self.is_main = accelerator.is_main_process
-        self._check_arguments(max_steps, num_epochs, save_steps, save_minutes, keep_last, logging_steps)
+        self._check_arguments(max_steps, num_epochs, save_steps, save_minutes, keep_last, async_save, logging_steps)
         self.max_steps, self.num_epochs = max_steps, num_epochs
-        self.save_steps, self.save_minutes, self.keep_last = save_steps, save_minutes, keep_last
+        self.save_steps, self.save_minutes, self.keep_last, self.async_save = save_steps, save_minutes, keep_last, async_save
         self.max_time = parse_duration(str(max_time), "max_time") if max_time is not None else None
         self.settings = dict(settings or {})
         self.allow_settings_change = allow_settings_change
@@ -124,7 +132,7 @@ class Run:
         self.stop_reason = None
         self.batches_started = False
         self.micro_batches_in_step = 0
-        self.saved_step = None
+        self.saver = None  # a saving.StepSaver, made by start(): saves, waits for background ones, rotates, reports
         self.last_save_at = time.monotonic()
         self.step_began = None
         self.metric_sums, self.metric_steps = {}, 0
@@ -180,6 +188,7 @@ class Run:
             say(note)
         self.run_history = decision.run_history
         checkpoint = decision.checkpoint
+        saved_step = None
         if decision.already_complete:  # finished, and its checkpoints cleaned away: the final model stays as it is
             say(decision.already_complete)
             self.already_complete = True
@@ -192,7 +201,7 @@ class Run:
             say(f"🔄 Found checkpoint: {Path(checkpoint).name}")
             saved, self.log_history, _ = state.load_checkpoint(self.accelerator, checkpoint)
             self.progress.global_step = saved.global_step
-            self.saved_step = saved.global_step
+            saved_step = saved.global_step
             # The log line after a resume averages exactly the steps the uninterrupted run's line did.
             self.metric_sums, self.metric_steps = dict(saved.unlogged_values), saved.unlogged_steps
             say(f"✅ Resumed from checkpoint (step {self.progress.global_step})")
@@ -206,7 +215,18 @@ class Run:
             from resumable import backup
 
             self.uploader = backup.start_uploader(self.accelerator, self.backup_to, self.output_dir, self.keep_last)
+        self._start_saving(saved_step)
         return self
+
+    def _start_saving(self, saved_step: int | None) -> None:
+        from resumable.saving import StepSaver
+
+        self.saver = StepSaver(
+            self.accelerator, self.accelerator._models[0] if self.accelerator._models else None, self.output_dir, self.keep_last,
+            self.deadline, saved_step, async_save=self.async_save, switch_name="async_save",
+            after_report=lambda: self.live.write(self.progress, self.log_history, self.run_history, steps_per_second=round(self.steps_per_second, 3)),
+        )  # fmt: skip
+        self.saver.backup = self.uploader
 
     def _objects_record(self) -> dict:
         """What this run checkpoints: how many of each prepared kind, and the registered names in order."""
@@ -359,6 +379,7 @@ class Run:
         if progress.global_step % self.logging_steps == 0 or last_step:
             self._log()
         save_due = self.save_minutes is not None and now - self.last_save_at >= self.save_minutes * 60
+        self.saver.poll()  # a background save that finished becomes visible here (every rank, same step)
         stop, save_due = self.stopping.requested_with(save_due)
         if stop:
             self._stop_here()
@@ -380,27 +401,15 @@ class Run:
             self.live.write_if_due(self.progress, self.log_history, self.run_history, steps_per_second=round(self.steps_per_second, 3))
 
     def _save(self, reason: str) -> None:
-        """Every rank: checkpoint-<global_step>, committed, then the old ones rotated away (main process)."""
-        if self.saved_step == self.progress.global_step:
+        """Every rank: checkpoint-<global_step>, committed (or, with async_save, snapshotted and committed in the background)."""
+        if self.saver.saved_step == self.progress.global_step:
             return  # this exact state is on disk already
         if self._objects_record() != self.objects_at_start:
             raise UsageError("accelerator.prepare(...) or accelerator.register_for_checkpointing(...) after run.start(): prepare and register everything before run.start()")
         self.progress.unlogged_values = {name: float(total) for name, total in self.metric_sums.items()}
         self.progress.unlogged_steps = self.metric_steps
-        began = time.monotonic()
-        path = state.save_checkpoint(self.accelerator, self.accelerator._models[0] if self.accelerator._models else None, self.output_dir,
-                                     self.progress, self.log_history, self.run_history, self._run_record())  # fmt: skip
-        seconds = time.monotonic() - began
-        self.saved_step = self.progress.global_step
+        self.saver.save(self.progress, reason, self.log_history, self.run_history, self._run_record())
         self.last_save_at = time.monotonic()
-        self.deadline.save_seconds = seconds
-        if self.is_main:
-            if self.uploader is not None:
-                self.uploader.checkpoint_ready(path)  # staged for backup_to before rotation may delete it
-            deleted = state.rotate_checkpoints(self.output_dir, self.keep_last, in_background=True)
-            gone = f", removed {', '.join(p.name for p in deleted)}" if deleted else ""
-            print(f"💾 Saved {path.name} ({reason}, {seconds:.2f}s{gone})", flush=True)
-            self.live.write(self.progress, self.log_history, self.run_history, steps_per_second=round(self.steps_per_second, 3))
 
     def _stop_here(self) -> None:
         """Every rank, at the same step boundary: save this step and end the batches."""
@@ -409,6 +418,7 @@ class Run:
         self.accelerator.print(f"\n🛑 Stopping at step {self.progress.global_step}: {self.stop_reason}")
         if self.progress.global_step > 0:
             self._save(self.stop_reason)
+        self.saver.wait()  # the stop's save, or one still in flight: committed before the exit
         self.stopping.settle()
 
     # ------------------------------------------------------------------ the end
@@ -444,6 +454,7 @@ class Run:
             raise UsageError(f"run.finish() at step {self.progress.global_step} of {self.progress.total_steps or '?'}: iterate run.batches(loader) to its end first")
         self.stopping.settle()
         self._save("final step")
+        self.saver.wait()
         named = models if isinstance(models, dict) else ({"": models} if models is not None else {})
         weights = {}
         for name, model in named.items():
@@ -481,7 +492,7 @@ class Run:
         refuse(line, code)
 
     @staticmethod
-    def _check_arguments(max_steps, num_epochs, save_steps, save_minutes, keep_last, logging_steps) -> None:
+    def _check_arguments(max_steps, num_epochs, save_steps, save_minutes, keep_last, async_save, logging_steps) -> None:
         def refuse_arguments(message):
             refuse(f"error: resumable.Run(...): {message}", EXIT_USAGE)
 
@@ -493,6 +504,8 @@ class Run:
             refuse_arguments("save_steps and save_minutes must be positive (or None for never)")
         if keep_last < 1:
             refuse_arguments("keep_last must be at least 1: the newest checkpoint is what a resume needs")
+        if not isinstance(async_save, bool):
+            refuse_arguments(f"async_save must be True or False, not {async_save!r}")
         if logging_steps < 1:
             refuse_arguments("logging_steps must be at least 1")
 

@@ -5,7 +5,7 @@ checkpoint path itself:
 
     newest_valid_checkpoint(output_dir)   which checkpoint to resume from
     save_checkpoint(...)                  atomic, durable, all ranks take part
-    begin_checkpoint(...)                 its first step (free space, temporary directory), also for background_save.py
+    begin_checkpoint(...)                 its first step (free space, temporary directory), also for resumable/background_save.py
     load_checkpoint(...)                  model, optimizer, scheduler, RNG, progress
     rotate_checkpoints(...)               keep the newest K, only after a save; crash-safe deletion
     software_changes(...)                 which versions differ from the checkpoint's (one line each)

@@ -76,7 +76,7 @@ if slow_save:
 
 slow_write = os.environ.get("HARNESS_SLOW_WRITE")
 if slow_write:
-    import background_save  # noqa: E402
+    from resumable import background_save  # noqa: E402
 
     original_write_file = background_save._write_file
 
@@ -89,7 +89,7 @@ if slow_write:
 
 host_memory = os.environ.get("HARNESS_HOST_MEMORY")
 if host_memory:
-    import background_save  # noqa: E402
+    from resumable import background_save  # noqa: E402
 
     background_save.available_host_memory = lambda: int(host_memory)
 
@@ -108,16 +108,16 @@ if upload_kill_step:
 
 pause_step = os.environ.get("HARNESS_PAUSE_AFTER")
 if pause_step:
-    from cli import saving  # noqa: E402
+    from resumable.saving import StepSaver  # noqa: E402
 
-    original_saved = saving.CheckpointSaver.saved
+    original_report = StepSaver._report
 
-    def saved_then_pause(self, path, *args):
-        original_saved(self, path, *args)  # handed to the upload, rotated, reported
+    def report_then_pause(self, path, *args):
+        original_report(self, path, *args)  # handed to the upload, rotated, reported
         if Path(path).name == f"{state.CHECKPOINT_PREFIX}{pause_step}":
             time.sleep(600)
 
-    saving.CheckpointSaver.saved = saved_then_pause
+    StepSaver._report = report_then_pause
 
 record_file = os.environ.get("HARNESS_RECORD_BATCHES")
 seeds_file = os.environ.get("HARNESS_RECORD_SEEDS")

@@ -159,7 +159,7 @@ def test_host_buffers_copy_every_tensor_once_keep_tied_ones_tied_and_are_reused(
 
     import torch
 
-    from background_save import HostBuffers
+    from resumable.background_save import HostBuffers
 
     weight = torch.randn(4, 3)
     exp_avg = torch.randn(4, 3)  # the same size as the weight: must not share its buffer

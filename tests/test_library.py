@@ -13,6 +13,7 @@ import time
 
 import pytest
 from conftest import PYTHON, REPO, Training, file_digest, kill_a_moment_after, train
+from resumable import state
 from test_multiprocess import ACCELERATE_LAUNCH
 
 EXAMPLE_HARNESS = str(REPO / "tests" / "example_harness.py")
@@ -76,6 +77,38 @@ def test_example_killed_inside_and_between_saves_and_stopped_ends_byte_identical
     assert f"✅ Resumed from checkpoint (step {stopped_at})" in final.stdout
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
     assert log_history(output_dir) == log_history(reference)  # the same losses logged at the same steps, none twice
+
+
+def test_async_save_killed_inside_a_background_write_then_stopped_ends_byte_identical_to_synchronous_saves(tmp_path, session_env, reference_runs):
+    reference = reference_runs(FLAGS, launcher=ONE_PROCESS)  # synchronous saves: the switch must not change a byte
+    output_dir = tmp_path / "run"
+    with_async = FLAGS + ["--async_save"]
+
+    # kill -9 on the writer thread of checkpoint-240, every file written, its manifest (the commit) not yet; the loop trains on meanwhile
+    killed = train(session_env, output_dir, with_async, launcher=ONE_PROCESS, harness_env={"EXAMPLE_KILL_IN_SAVE": "240"})
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert "💾 Saved checkpoint-220 (every save_steps, loop blocked " in killed.stdout  # saved in the background, reported once committed
+    assert (output_dir / ".tmp-checkpoint-240").is_dir() and not (output_dir / "checkpoint-240").exists()
+    state.verify_checkpoint(output_dir / "checkpoint-220")
+
+    run = Training(session_env, output_dir, with_async, launcher=ONE_PROCESS)
+    run.wait_for(r"💾 Saved checkpoint-280 ")
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish() == 75, run.text
+    assert "🧹 Removed .tmp-checkpoint-240, left by a save that was interrupted" in run.text and "✅ Resumed from checkpoint (step 220)" in run.text
+    stopped_at = int(run.text.split("🛑 Stopping at step ")[1].split(":")[0])
+    assert f"💾 Saved checkpoint-{stopped_at} (SIGTERM, loop blocked " in run.text or stopped_at % 20 == 0, run.text
+    assert not list(output_dir.glob(".tmp-checkpoint-*"))  # the save in flight and the stop's own were committed before exit 75
+    for checkpoint in state.list_checkpoints(output_dir):
+        state.verify_checkpoint(checkpoint)
+
+    final = train(session_env, output_dir, with_async, launcher=ONE_PROCESS)
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert f"✅ Resumed from checkpoint (step {stopped_at})" in final.stdout
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+    for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):  # written by the thread, from the snapshot
+        assert file_digest(output_dir / "checkpoint-600" / name) == file_digest(reference / "checkpoint-600" / name), name
+    assert log_history(output_dir) == log_history(reference)
 
 
 # A loop on resumable.Run, and a transformers.Trainer script with resumable.trainer's two lines (tests/test_trainer.py)

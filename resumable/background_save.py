@@ -1,4 +1,4 @@
-"""Checkpoints written in the background (--async_save true): the loop stops only to copy the state.
+"""Checkpoints written in the background (the CLI's --async_save true, resumable.Run(async_save=True)): the loop stops only to copy the state.
 
     BackgroundSaver.start(...)   at a save step, every rank: snapshot, then return to training
     BackgroundSaver.poll()       at every step boundary, every rank: the save that just became visible, if any
@@ -296,8 +296,8 @@ class BackgroundSaver:
             copies_ready = torch.cuda.Event()
             copies_ready.record()  # the writer waits for the device-to-host copies, the loop does not
         checkpoint_record = (
-            dataclasses.replace(progress, unlogged_loss_sums=list(progress.unlogged_loss_sums)), list(log_history), list(run_history),
-            dict(training_args), state.software_record(self.accelerator.device.type),
+            copy.deepcopy(progress), list(log_history), list(run_history),  # deep: the loop goes on changing its progress's lists and dicts
+            copy.deepcopy(training_args), state.software_record(self.accelerator.device.type),
         )  # fmt: skip
         save.go_finish_needed = self.accelerator.num_processes > 1
         if not save.go_finish_needed:
