@@ -112,13 +112,15 @@ def test_own_script_job_hits_its_time_limit_requeues_itself_and_finishes_byte_id
     Trainer script with resumable.trainer's two lines on two (`NUM_PROCESSES=2 python -m resumable.launch script.py`,
     whose 75 survives the launcher).
 
-    Paced as the CLI's jobs are (tests/example_harness.py EXAMPLE_STEP_SECONDS): 1000 steps of 0.1 s outlast one
-    allocation's 90 s, and fit in two."""
+    Paced as the CLI's jobs are (tests/example_harness.py EXAMPLE_STEP_SECONDS): 1000 steps of 0.1 s (the Trainer: 500 of
+    0.2 s) outlast one allocation's 90 s, and fit in two."""
     if not cluster_is_up():
         pytest.skip("no SLURM cluster here: run tests/slurm/start_cluster.sh (as root) first")
     from test_library import EXAMPLE_HARNESS, example_launcher
 
-    flags = ["--max_steps", str(round(RUN_SECONDS / STEP_SECONDS)), "--save_steps", "200"]
+    # The Trainer's steps are paced slower and fewer: the same RUN_SECONDS by the clock, half the CPU for its 2-process reference run.
+    step_seconds = 2 * STEP_SECONDS if example == "hf_trainer" else STEP_SECONDS
+    flags = ["--max_steps", str(round(RUN_SECONDS / step_seconds)), "--save_steps", "100"]
     if example == "hf_trainer":
         command, processes = [PYTHON, "-m", "resumable.launch", EXAMPLE_HARNESS, str(REPO / "examples" / "hf_trainer.py")], {"NUM_PROCESSES": "2"}
         reference = reference_runs(flags, launcher=example_launcher(example, 2))  # the same two processes, uninterrupted
@@ -129,7 +131,7 @@ def test_own_script_job_hits_its_time_limit_requeues_itself_and_finishes_byte_id
     submitted = subprocess.run(
         ["sbatch", "--parsable", f"--time={MINUTES}", f"--output={log}", f"--chdir={REPO}", "--signal=B:USR1@30",
          str(REPO / "slurm" / "script.sbatch"), *command, "--output_dir", str(output_dir), *flags],
-        env={**session_env, **processes, "EXAMPLE_STEP_SECONDS": str(STEP_SECONDS)}, capture_output=True, text=True, check=True,
+        env={**session_env, **processes, "EXAMPLE_STEP_SECONDS": str(step_seconds)}, capture_output=True, text=True, check=True,
     )  # fmt: skip
     job_id = submitted.stdout.strip().split(";")[0]
     try:
