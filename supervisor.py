@@ -19,7 +19,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the resumable package beside it, wherever python was started
 
 from resumable import launch  # noqa: E402
-from resumable.launch import TEARDOWN_GRACE_SECONDS  # noqa: E402,F401  (tests read it from here)
 
 
 def run(argv: list[str]) -> int:

@@ -402,8 +402,6 @@ class Run:
 
     def _save(self, reason: str) -> None:
         """Every rank: checkpoint-<global_step>, committed (or, with async_save, snapshotted and committed in the background)."""
-        if self.saver.saved_step == self.progress.global_step:
-            return  # this exact state is on disk already
         if self._objects_record() != self.objects_at_start:
             raise UsageError("accelerator.prepare(...) or accelerator.register_for_checkpointing(...) after run.start(): prepare and register everything before run.start()")
         self.progress.unlogged_values = {name: float(total) for name, total in self.metric_sums.items()}

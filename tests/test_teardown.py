@@ -10,7 +10,7 @@ import sys
 import time
 
 from conftest import REPO
-from supervisor import TEARDOWN_GRACE_SECONDS
+from resumable.launch import TEARDOWN_GRACE_SECONDS
 
 STUCK_TRAINING = r'''
 import os, signal, subprocess, sys, time
