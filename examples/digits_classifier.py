@@ -53,6 +53,7 @@ def main() -> int:
     parser.add_argument("--save_steps", type=int, default=200)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--per_device_train_batch_size", type=int, default=32)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_time", default=None, help="stop with a checkpoint before this much time: 5400, 90m, 1h30m")
     parser.add_argument("--backup_to", default=None, help="also keep checkpoints in this folder or s3://bucket/prefix (pip install obstore)")
@@ -65,6 +66,7 @@ def main() -> int:
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # with no GPU, this makes several processes real gloo ranks
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),  # each epoch's order from (seed, epoch)
+        gradient_accumulation_steps=args.gradient_accumulation_steps,  # resumed on another number of processes, resumable changes it
         step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, on any number of processes
     )
     images, labels = load_digits(return_X_y=True)
@@ -82,13 +84,15 @@ def main() -> int:
 
     model.train()
     for images, labels in run.batches(train_loader):  # resumable: the batches still to train
-        logits = model(images)
-        loss = -torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).mean()  # cross-entropy, written out
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        run.step(loss=loss)  # resumable: count, log, save, stop when asked
+        with accelerator.accumulate(model):  # with accumulation K: no all-reduce and no optimizer step until the K-th micro-batch
+            logits = model(images)
+            loss = -torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).mean()  # cross-entropy, written out
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:  # an optimizer step was taken
+            scheduler.step()
+            run.step(loss=loss)  # resumable: count, log, save, stop when asked
 
     code = run.finish(model)  # resumable: 0 complete, 75 stopped early
     if code == resumable.EXIT_DONE:

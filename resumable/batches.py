@@ -55,6 +55,22 @@ def optimizer_steps_of_epoch(dataloader, epoch: int, steps_done_in_epoch: int, s
         yield step
 
 
+def steps_per_epoch(dataloader, accumulation: int, world_size: int) -> int:
+    """Optimizer steps in one epoch: the complete global batches, the same number in every layout of them.
+
+    A prepared loader is sharded (BatchSamplerShard): rank r takes the per-device batches r, r + W, ...
+    of the epoch's order, and with even_batches the last round is padded with batches from the epoch's
+    start. Counting the unsharded batches, an epoch has the same steps on 2 processes x 1 accumulation
+    slot as on 1 x 2 (an elastic resume), and no step trains padding.
+    """
+    from accelerate.data_loader import BatchSamplerShard
+
+    sharded = getattr(dataloader, "batch_sampler", None)
+    if isinstance(sharded, BatchSamplerShard) and not sharded.split_batches:
+        return len(sharded.batch_sampler) // (accumulation * world_size)
+    return len(dataloader) // accumulation
+
+
 def data_order_seed(dataloader) -> int | None:
     """The seed the loader's shuffle starts from (recorded in each checkpoint, compared on resume); None if it does not shuffle."""
     from accelerate.data_loader import SeedableRandomSampler

@@ -1,5 +1,6 @@
 """Random draws inside a training step follow the samples, not the process; --full_determinism.
 
+    micro_batch_seed(seed, step, slot, rank, world_size)
     micro_batch_seeds(seed, step, rank, world_size, accumulation)
                             one seed per micro-batch this rank trains at `step`, a function of
                             (--seed, step, the micro-batch's place in the global batch) only
@@ -37,7 +38,12 @@ def micro_batch_index(slot: int, rank: int, world_size: int) -> int:
 
 def micro_batch_seeds(seed: int, step: int, rank: int, world_size: int, accumulation: int) -> list[int]:
     """The seeds of this rank's micro-batches in optimizer step `step`, in slot order."""
-    return [_mix(seed, step, micro_batch_index(slot, rank, world_size)) for slot in range(accumulation)]
+    return [micro_batch_seed(seed, step, slot, rank, world_size) for slot in range(accumulation)]
+
+
+def micro_batch_seed(seed: int, step: int, slot: int, rank: int, world_size: int) -> int:
+    """The seed of this rank's micro-batch in accumulation `slot` of optimizer step `step` (counted from 1)."""
+    return _mix(seed, step, micro_batch_index(slot, rank, world_size))
 
 
 def _mix(seed: int, step: int, index: int) -> int:

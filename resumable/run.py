@@ -90,6 +90,10 @@ class Run:
                           background (resumable/backup.py; pip install obstore); an empty or older output_dir is
                           restored from it at start, so a run moves to a fresh machine by running the same script
     backup_timeout        seconds a stop, or the end, waits for the newest state to reach backup_to
+    seed                  before each micro-batch the random generators (CPU and this rank's device) are seeded from
+                          (seed, step, the micro-batch's place in the global batch), so that dropout and any other draw
+                          in the step follow the samples, not the rank: a resume on another number of processes trains
+                          the same samples with the same masks. Default: the loader's shuffle seed (data_seed), else 0
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class Run:
         logging_steps: int = 10,
         backup_to: str | None = None,
         backup_timeout: float = 600.0,
+        seed: int | None = None,
     ):
         from resumable.stopping import StopRequests, parse_duration, process_start_time
 
@@ -123,6 +128,8 @@ class Run:
         self.allow_settings_change = allow_settings_change
         self.logging_steps = logging_steps
         self.backup_to, self.backup_timeout = backup_to, backup_timeout
+        self.seed = seed  # keys each micro-batch's random draws; None: the loader's shuffle seed
+        self.resume_notes = []  # what a resume on another number of processes changed, said before loading
         self.uploader = None  # the main process's backup.BackupUploader, with backup_to
         self.started_at = process_start_time()  # max_time counts from the process's start, imports included
         self.registered = {}  # name -> object with state_dict/load_state_dict, in registration order
@@ -196,10 +203,14 @@ class Run:
             say("🆕 Starting new training")
         else:
             self._check_against_checkpoint(Path(checkpoint))
-            for note in state.software_changes(checkpoint, self.accelerator.device.type):
+            for note in self.resume_notes + state.software_changes(checkpoint, self.accelerator.device.type):
                 say(note)
             say(f"🔄 Found checkpoint: {Path(checkpoint).name}")
             saved, self.log_history, _ = state.load_checkpoint(self.accelerator, checkpoint)
+            # accelerate's save_state keeps its micro-batch counter, which accelerator.accumulate syncs on every K-th
+            # of: a checkpoint is a step boundary, and with another accumulation (an elastic resume) the saved count
+            # would put the next sync mid-step.
+            self.accelerator.step = 0
             self.progress.global_step = saved.global_step
             saved_step = saved.global_step
             # The log line after a resume averages exactly the steps the uninterrupted run's line did.
@@ -243,6 +254,7 @@ class Run:
         return {
             "settings": self.settings, "objects": self._objects_record(),
             "data_order_seeds": [data_order_seed(loader) for loader in self.accelerator._dataloaders],
+            "batch_sizes": [getattr(getattr(loader, "batch_sampler", None), "batch_size", None) for loader in self.accelerator._dataloaders],
             "gradient_accumulation_steps": self.accelerator.gradient_accumulation_steps, "world_size": self.accelerator.num_processes,
         }  # fmt: skip
 
@@ -257,10 +269,12 @@ class Run:
                 f"{checkpoint.name} holds {describe_objects(recorded.get('objects') or {})}, this run has {describe_objects(now['objects'])}: "
                 "prepare and register the same objects, in the same order, as the run that wrote it (or choose another output_dir to start fresh)"
             )
-        if recorded.get("world_size") != now["world_size"]:
+        if recorded["world_size"] * recorded["gradient_accumulation_steps"] != now["world_size"] * now["gradient_accumulation_steps"]:
+            self._keep_the_global_batch(checkpoint, recorded["world_size"], recorded["gradient_accumulation_steps"])
+        if recorded.get("batch_sizes", now["batch_sizes"]) != now["batch_sizes"]:
             raise UsageError(
-                f"{checkpoint.name} was written by {recorded.get('world_size')} process(es), this run has {now['world_size']}: "
-                "resume with the same number of processes (or choose another output_dir to start fresh)"
+                f"the data loaders' per-process batch sizes {now['batch_sizes']} differ from the checkpoint's {recorded['batch_sizes']}, so "
+                "the resumed steps would not train the samples the run skipped: build them with the checkpoint's batch sizes"
             )
         seeds_then, seeds_now = recorded.get("data_order_seeds"), now["data_order_seeds"]
         if seeds_then != seeds_now:
@@ -276,6 +290,34 @@ class Run:
                 self.accelerator.print(f"⚠️  allow_settings_change: {', '.join(map(str, changed))} differ from the checkpoint; the result will differ from an uninterrupted run")
             return
         refuse_changed_settings(changed, before, current, "settings", "", "Run with the checkpoint's values, or pass allow_settings_change=True to accept the change knowingly.")
+
+    def _keep_the_global_batch(self, checkpoint: Path, world_then: int, accumulation_then: int) -> None:
+        """Another number of processes than the checkpoint's: the same micro-batches per optimizer step, by gradient accumulation.
+
+        The checkpoint's micro-batches per step (processes x accumulation) are kept on every resume, also when
+        the accelerator was built with another accumulation (the same command after an elastic resume): the
+        accumulation is set here, with a line saying so. To change the global batch, start a new output_dir.
+        The prepared loaders deal each epoch's per-device batches round-robin over the ranks, so a step of
+        W processes x A slots trains the global batches [s*A*W, (s+1)*A*W) in any layout with the same A*W:
+        the same samples, each with the same random draws (seeded per micro-batch). Only the order in which
+        the gradients are summed changes (an all-reduce against accumulation): equal to rounding.
+        """
+        world_now = self.accelerator.num_processes
+        micro_batches = world_then * accumulation_then
+        if micro_batches % world_now:
+            layouts = ", ".join(str(n) for n in range(1, micro_batches + 1) if micro_batches % n == 0)
+            raise UsageError(
+                f"{checkpoint.name} was written by {world_then} process(es) x gradient accumulation {accumulation_then}: {micro_batches} "
+                f"micro-batch(es) per optimizer step, which {world_now} processes cannot share equally; resume with {layouts} "
+                "process(es) (or choose another output_dir to start fresh)"
+            )
+        accumulation_built, accumulation_now = self.accelerator.gradient_accumulation_steps, micro_batches // world_now
+        self.accelerator.gradient_accumulation_steps = accumulation_now  # accelerator.accumulate and backward's loss scaling follow it
+        if world_then != world_now:
+            change = f"world size {world_then} → {world_now}: gradient accumulation {accumulation_then} → {accumulation_now}"
+        else:
+            change = f"gradient accumulation {accumulation_built} → {accumulation_now} (the checkpoint's, on {world_now} process(es))"
+        self.resume_notes.append(f"🔀 {change}, {micro_batches} micro-batches per optimizer step unchanged")
 
     def _start_stopping(self) -> None:
         from resumable.stopping import Deadline, StopCheck
@@ -301,7 +343,7 @@ class Run:
 
     @_in_one_line
     def _check_batches_may_begin(self, dataloader) -> None:
-        from resumable.batches import resumability_problem
+        from resumable.batches import data_order_seed, resumability_problem, steps_per_epoch
 
         if not self.started:
             raise UsageError("run.batches(...) before run.start(): call run.start() first, so that the batches begin at the resumed step")
@@ -313,19 +355,21 @@ class Run:
             raise UsageError("run.batches(dataloader): pass the loader that accelerator.prepare(...) returned")
         self.batches_started = True
         self.accumulation = self.accelerator.gradient_accumulation_steps
-        self.steps_per_epoch = len(dataloader) // self.accumulation
+        self.steps_per_epoch = steps_per_epoch(dataloader, self.accumulation, self.accelerator.num_processes)
+        self.micro_batch_seed = self.seed if self.seed is not None else (data_order_seed(dataloader) or 0)
         if self.steps_per_epoch == 0:
             raise UsageError(f"run.batches(dataloader): one epoch has {len(dataloader)} batches on each process, fewer than one optimizer step of {self.accumulation}")
         total = self.max_steps if self.max_steps is not None else int(self.num_epochs * self.steps_per_epoch + 0.999999)
         self.progress.total_steps, self.progress.steps_per_epoch = total, self.steps_per_epoch
         self.progress.gradient_accumulation_steps = self.accumulation
-        self.progress.per_device_train_batch_size = getattr(dataloader, "batch_size", None) or 0
+        self.progress.per_device_train_batch_size = getattr(dataloader, "batch_size", None) or getattr(getattr(dataloader, "batch_sampler", None), "batch_size", 0)
         self.progress.global_batch_size = self.progress.per_device_train_batch_size * self.accumulation * self.accelerator.num_processes
         if self.progress.global_step >= total:
             self.accelerator.print(f"✅ Training is already complete ({self.progress.global_step} of {total} steps); nothing to do")
 
     def _micro_batches(self, dataloader):
         from resumable.batches import micro_batches_of_epoch
+        from resumable.randomness import micro_batch_seed, seed_micro_batch
 
         if self.already_complete:
             return
@@ -333,6 +377,7 @@ class Run:
             self._stop_here()
             return
         self.step_began = self.last_log_at = time.monotonic()
+        rank, world_size, device = self.accelerator.process_index, self.accelerator.num_processes, self.accelerator.device
         while not self.stopped and self.progress.global_step < self.progress.total_steps:
             epoch, steps_done_in_epoch = divmod(self.progress.global_step, self.steps_per_epoch)
             steps_to_take = min(self.steps_per_epoch - steps_done_in_epoch, self.progress.total_steps - self.progress.global_step)
@@ -341,6 +386,7 @@ class Run:
                     return
                 if self.micro_batches_in_step == self.accumulation:
                     self._refuse(f"error: run.step() was not called after step {self.progress.global_step + 1}'s {self.accumulation} micro-batch(es): call it once after each optimizer step", EXIT_USAGE)
+                seed_micro_batch(micro_batch_seed(self.micro_batch_seed, self.progress.global_step + 1, self.micro_batches_in_step, rank, world_size), device)
                 self.micro_batches_in_step += 1
                 yield batch
             if self.stopped:

@@ -111,6 +111,34 @@ def test_async_save_killed_inside_a_background_write_then_stopped_ends_byte_iden
     assert log_history(output_dir) == log_history(reference)
 
 
+def weight_difference(output_dir, reference) -> float:
+    """The largest difference between two final models' weights, relative to the reference's largest weight."""
+    from safetensors.torch import load_file
+
+    mine, theirs = load_file(output_dir / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert mine.keys() == theirs.keys()
+    return max((mine[k] - theirs[k]).abs().max().item() for k in mine) / max(theirs[k].abs().max().item() for k in theirs)
+
+
+def test_a_run_killed_on_2_processes_resumes_on_1_with_the_same_global_batch(tmp_path, session_env, reference_runs):
+    # 2 processes x accumulation 1 before the kill, 1 process x accumulation 2 after it: the same two micro-batches
+    # per optimizer step, each with the random draws (dropout) of its samples.
+    two_processes = example_launcher("digits_classifier", 2)
+    reference = reference_runs(FLAGS, launcher=two_processes)  # shared with the 2-process kill sequence
+    output_dir = tmp_path / "run"
+    assert kill_a_moment_after(Training(session_env, output_dir, FLAGS, launcher=two_processes), r"💾 Saved checkpoint-100 ") == -9
+
+    resumed = train(session_env, output_dir, FLAGS, launcher=ONE_PROCESS)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "🔀 world size 2 → 1: gradient accumulation 1 → 2, 2 micro-batches per optimizer step unchanged" in resumed.stdout
+    resumed_from = int(resumed.stdout.split("✅ Resumed from checkpoint (step ")[1].split(")")[0])
+    assert 100 <= resumed_from < 600, resumed.stdout
+    assert [entry["step"] for entry in log_history(output_dir)] == [entry["step"] for entry in log_history(reference)]
+    # The same samples and masks in every step; only the order of the gradient sum differs (an all-reduce against
+    # accumulation, and 2 threads against 1 each): equal to rounding, measured 3e-8 of the largest weight.
+    assert weight_difference(output_dir, reference) < 1e-5
+
+
 # A loop on resumable.Run, and a transformers.Trainer script with resumable.trainer's two lines (tests/test_trainer.py)
 STOPPABLE = ["digits_classifier", "hf_trainer"]
 
@@ -290,6 +318,20 @@ def test_a_checkpoint_of_other_objects_or_settings_is_refused_with_what_differs(
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"✅ Training in {output_dir} is already complete (6 steps) and its checkpoints are gone" in again.stdout
     assert "🆕" not in again.stdout and file_digest(output_dir / "model.safetensors") == final_model
+
+
+def test_a_number_of_processes_that_cannot_keep_the_global_batch_is_refused_in_one_line(tmp_path):
+    output_dir = tmp_path / "out"
+    first = run_loop(tmp_path, output_dir, per_step="run.step(); sys.exit(75) if run.global_step == 4 else None")
+    assert first.returncode == 75, first.stdout + first.stderr
+    two = [*ACCELERATE_LAUNCH, "--config_file", str(REPO / "accelerate_config.yaml"), "--multi_gpu", "--num_processes", "2", str(tmp_path / "loop.py"), str(output_dir)]
+    refused = subprocess.run(two, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert refused.returncode != 0
+    expected = ("error: checkpoint-4 was written by 1 process(es) x gradient accumulation 1: 1 micro-batch(es) per optimizer step, "
+                "which 2 processes cannot share equally; resume with 1 process(es) (or choose another output_dir to start fresh)")  # fmt: skip
+    assert refused.stderr.splitlines().count(expected) == 1, refused.stderr  # once, from the machine's first process
+    assert 'File "' + str(REPO / "resumable") not in refused.stderr  # our line, no traceback of ours
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]  # nothing lost
 
 
 def test_import_resumable_loads_none_of_the_cli_libraries_and_costs_little():
