@@ -55,6 +55,7 @@ def main() -> int:
     parser.add_argument("--per_device_train_batch_size", type=int, default=32)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval_steps", type=int, default=0, help="measure the validation accuracy every N steps and keep the best checkpoint")
     parser.add_argument("--max_time", default=None, help="stop with a checkpoint before this much time: 5400, 90m, 1h30m")
     parser.add_argument("--backup_to", default=None, help="also keep checkpoints in this folder or s3://bucket/prefix (pip install obstore)")
     parser.add_argument("--async_save", action="store_true", help="write checkpoints in the background while training goes on")
@@ -78,8 +79,15 @@ def main() -> int:
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
 
     settings = {name: value for name, value in vars(args).items() if name in ("max_steps", "learning_rate", "per_device_train_batch_size", "seed")}  # resumable
+
+    def evaluate() -> dict:  # every eval_steps steps, on every rank, before that step's saves
+        measured = accuracy(accelerator.unwrap_model(model), validation)
+        model.train()
+        return {"accuracy": measured}
+
+    evaluation = dict(evaluate=evaluate, eval_steps=args.eval_steps, best_metric="accuracy") if args.eval_steps else {}
     run = resumable.Run(accelerator, args.output_dir, max_steps=args.max_steps, save_steps=args.save_steps, settings=settings,  # resumable
-                        max_time=args.max_time, backup_to=args.backup_to, async_save=args.async_save)  # resumable
+                        max_time=args.max_time, backup_to=args.backup_to, async_save=args.async_save, **evaluation)  # resumable
     run.start()  # resumable
 
     model.train()

@@ -26,6 +26,9 @@ Guarantees (every rank calls every method, in the same order):
 - A SIGINT, SIGTERM or SIGUSR1 (or `max_time`, or the SLURM job's end time coming near) stops
   every rank at the same optimizer step, with a checkpoint of that step; `finish` then returns 75.
   A second Ctrl+C aborts at once with 130; the previous checkpoint stays valid.
+- With `evaluate=`, every `eval_steps` steps (and at the last) the function runs on every rank before
+  any save of that step; its metrics go to log_history (and `on_log`). With `best_metric=` a better value
+  saves that step's checkpoint at once and rotation never deletes it (`run.best_checkpoint`).
 - Misuse (an object registered after `start`, `step` skipped or called twice, the batches
   iterated twice, a loader whose order cannot be replayed) ends the process with one line naming
   the call and the fix, and exit 2. Nothing is written by a refused start.
@@ -85,11 +88,19 @@ class Run:
     settings              the run's result-defining settings (learning rate, batch size, ...): recorded
                           in each checkpoint; a resume with other values is refused with a table
     allow_settings_change accept such a change knowingly (the result then differs from an uninterrupted run)
-    logging_steps         every N steps, the mean of the values passed to step() goes to trainer_state.json
+    logging_steps         every N steps, the mean of the values passed to step() (over those steps and the ranks) goes to
+                          trainer_state.json's log_history
     backup_to             also copy each checkpoint and the final model to this folder or s3://bucket/prefix, in the
                           background (resumable/backup.py; pip install obstore); an empty or older output_dir is
                           restored from it at start, so a run moves to a fresh machine by running the same script
     backup_timeout        seconds a stop, or the end, waits for the newest state to reach backup_to
+    evaluate              a function of no arguments returning {metric: number}, called on every rank (it may gather)
+                          every eval_steps optimizer steps and at the last one, before that step's saves; the
+                          metrics go to log_history. Put the model back in train mode in it
+    eval_steps            how often evaluate runs (default: save_steps)
+    best_metric           the metric of evaluate's that picks the best checkpoint: a better value saves the step's
+                          checkpoint at once, rotation keeps it, run.best_checkpoint names it (greater_is_better)
+    on_log                called on the main process with each log_history entry (a dict), for your tracker
     seed                  before each micro-batch the random generators (CPU and this rank's device) are seeded from
                           (seed, step, the micro-batch's place in the global batch), so that dropout and any other draw
                           in the step follow the samples, not the rank: a resume on another number of processes trains
@@ -114,6 +125,11 @@ class Run:
         backup_to: str | None = None,
         backup_timeout: float = 600.0,
         seed: int | None = None,
+        evaluate=None,
+        eval_steps: int | None = None,
+        best_metric: str | None = None,
+        greater_is_better: bool = True,
+        on_log=None,
     ):
         from resumable.stopping import StopRequests, parse_duration, process_start_time
 
@@ -121,6 +137,7 @@ class Run:
         self.output_dir = Path(output_dir)
         self.is_main = accelerator.is_main_process
         self._check_arguments(max_steps, num_epochs, save_steps, save_minutes, keep_last, async_save, logging_steps)
+        self._check_evaluation(evaluate, eval_steps if eval_steps is not None else save_steps, best_metric, on_log)
         self.max_steps, self.num_epochs = max_steps, num_epochs
         self.save_steps, self.save_minutes, self.keep_last, self.async_save = save_steps, save_minutes, keep_last, async_save
         self.max_time = parse_duration(str(max_time), "max_time") if max_time is not None else None
@@ -129,6 +146,8 @@ class Run:
         self.logging_steps = logging_steps
         self.backup_to, self.backup_timeout = backup_to, backup_timeout
         self.seed = seed  # keys each micro-batch's random draws; None: the loader's shuffle seed
+        self.evaluate, self.eval_steps = evaluate, eval_steps if eval_steps is not None else save_steps
+        self.best_metric, self.greater_is_better, self.on_log = best_metric, greater_is_better, on_log
         self.resume_notes = []  # what a resume on another number of processes changed, said before loading
         self.uploader = None  # the main process's backup.BackupUploader, with backup_to
         self.started_at = process_start_time()  # max_time counts from the process's start, imports included
@@ -214,7 +233,8 @@ class Run:
             self.progress.global_step = saved.global_step
             saved_step = saved.global_step
             # The log line after a resume averages exactly the steps the uninterrupted run's line did.
-            self.metric_sums, self.metric_steps = dict(saved.unlogged_values), saved.unlogged_steps
+            self.metric_sums, self.metric_steps = self._own_unlogged_sums(saved.unlogged_values, saved.world_size), saved.unlogged_steps
+            self.progress.best_metric, self.progress.best_model_checkpoint = saved.best_metric, saved.best_model_checkpoint
             say(f"✅ Resumed from checkpoint (step {self.progress.global_step})")
         self.run_history = self.run_history + [{
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": self.progress.global_step, "world_size": self.accelerator.num_processes,
@@ -225,7 +245,7 @@ class Run:
         if self.backup_to:
             from resumable import backup
 
-            self.uploader = backup.start_uploader(self.accelerator, self.backup_to, self.output_dir, self.keep_last)
+            self.uploader = backup.start_uploader(self.accelerator, self.backup_to, self.output_dir, self.keep_last, lambda: self.progress.best_model_checkpoint)
         self._start_saving(saved_step)
         return self
 
@@ -235,6 +255,7 @@ class Run:
         self.saver = StepSaver(
             self.accelerator, self.accelerator._models[0] if self.accelerator._models else None, self.output_dir, self.keep_last,
             self.deadline, saved_step, async_save=self.async_save, switch_name="async_save",
+            best_checkpoint=lambda: self.progress.best_model_checkpoint,
             after_report=lambda: self.live.write(self.progress, self.log_history, self.run_history, steps_per_second=round(self.steps_per_second, 3)),
         )  # fmt: skip
         self.saver.backup = self.uploader
@@ -402,7 +423,7 @@ class Run:
 
         Returns True when the loop is to end here (a stop, or the last step): the batches end by
         themselves, so a loop that ignores it is right too. Values (floats or tensors, e.g. loss=)
-        are averaged over the steps between log lines in trainer_state.json, from the main process.
+        are averaged over the steps between log lines and over the ranks, into trainer_state.json.
         """
         if not self.batches_started:
             raise UsageError("run.step() before any batch: iterate run.batches(loader) and call run.step() after each optimizer step")
@@ -424,6 +445,8 @@ class Run:
         last_step = progress.global_step >= progress.total_steps
         if progress.global_step % self.logging_steps == 0 or last_step:
             self._log()
+        if self.evaluate is not None and (progress.global_step % self.eval_steps == 0 or last_step):
+            self._evaluate()
         save_due = self.save_minutes is not None and now - self.last_save_at >= self.save_minutes * 60
         self.saver.poll()  # a background save that finished becomes visible here (every rank, same step)
         stop, save_due = self.stopping.requested_with(save_due)
@@ -435,22 +458,76 @@ class Run:
         return last_step
 
     def _log(self) -> None:
+        """Every rank (a collective): each value's mean over the steps since the last line and over the ranks."""
         if not self.metric_steps:
             return
+        names = sorted(self.metric_sums)
+        means = self.accelerator.reduce(self._sums_tensor(names), reduction="mean").tolist() if names else []
         entry = {"step": self.progress.global_step, "epoch": round(self.progress.epoch, 4)}
-        entry.update({name: round(float(total) / self.metric_steps, 6) for name, total in self.metric_sums.items()})
-        self.log_history.append(entry)
+        entry.update({name: round(total / self.metric_steps, 6) for name, total in zip(names, means)})
         now = time.monotonic()
         self.steps_per_second = self.metric_steps / max(now - self.last_log_at, 1e-9)
         self.metric_sums, self.metric_steps, self.last_log_at = {}, 0, now
+        self._record(entry)
+
+    def _record(self, entry: dict) -> None:
+        self.log_history.append(entry)
         if self.is_main:
+            if self.on_log is not None:
+                self.on_log(dict(entry))
             self.live.write_if_due(self.progress, self.log_history, self.run_history, steps_per_second=round(self.steps_per_second, 3))
+
+    def _sums_tensor(self, names: list):
+        import torch
+
+        return torch.stack([torch.as_tensor(self.metric_sums[name], dtype=torch.float64, device=self.accelerator.device).reshape(()) for name in names])
+
+    def _unlogged_sums_of_every_rank(self) -> dict:
+        """Every rank (a collective): {name: [each rank's sum since the last line]}, for the checkpoint."""
+        names = sorted(self.metric_sums)
+        if not names:
+            return {}
+        gathered = self.accelerator.gather(self._sums_tensor(names).reshape(1, -1)).reshape(-1, len(names)).tolist()
+        return {name: [row[column] for row in gathered] for column, name in enumerate(names)}
+
+    def _own_unlogged_sums(self, saved: dict, saved_world_size: int) -> dict:
+        """This rank's share of the checkpoint's unlogged sums: its own on the same number of processes, else their mean
+        (which keeps the mean over ranks the next line reports)."""
+        own = {}
+        for name, sums in saved.items():
+            if not isinstance(sums, list):  # written before the sums were kept per rank: the main process's alone
+                own[name] = float(sums)
+            elif len(sums) == self.accelerator.num_processes == saved_world_size:
+                own[name] = sums[self.accelerator.process_index]
+            else:
+                own[name] = sum(sums) / len(sums)
+        return own
+
+    def _evaluate(self) -> None:
+        """Every rank: the user's evaluate(), logged; a better best_metric saves this step's checkpoint at once."""
+        metrics = self.evaluate()
+        if not isinstance(metrics, dict) or not all(isinstance(value, (int, float)) or hasattr(value, "item") for value in metrics.values()):
+            raise UsageError(f"Run(evaluate=...) returned {type(metrics).__name__} {str(metrics)[:80]}: return a dict of numbers, e.g. {{'accuracy': 0.93}}")
+        metrics = {name: round(float(value), 6) for name, value in metrics.items()}
+        step = self.progress.global_step
+        self._record({"step": step, "epoch": round(self.progress.epoch, 4), **metrics})
+        self.accelerator.print(f"📊 step {step}: " + ", ".join(f"{name} {value}" for name, value in metrics.items()))
+        if self.best_metric is None:
+            return
+        if self.best_metric not in metrics:
+            raise UsageError(f"Run(best_metric={self.best_metric!r}): evaluate() returned {sorted(metrics)}; name one of them, or return {self.best_metric!r} too")
+        value, best = metrics[self.best_metric], self.progress.best_metric
+        if best is None or (value > best if self.greater_is_better else value < best):
+            self.progress.best_metric, self.progress.best_model_checkpoint = value, f"{state.CHECKPOINT_PREFIX}{step}"
+            self._save(f"best {self.best_metric} so far")  # the best must exist as a checkpoint, whatever save_steps is
 
     def _save(self, reason: str) -> None:
         """Every rank: checkpoint-<global_step>, committed (or, with async_save, snapshotted and committed in the background)."""
         if self._objects_record() != self.objects_at_start:
             raise UsageError("accelerator.prepare(...) or accelerator.register_for_checkpointing(...) after run.start(): prepare and register everything before run.start()")
-        self.progress.unlogged_values = {name: float(total) for name, total in self.metric_sums.items()}
+        if self.saver.saved_step == self.progress.global_step:
+            return  # on disk already (a best checkpoint, then save_steps): no need for the ranks' sums (a collective)
+        self.progress.unlogged_values = self._unlogged_sums_of_every_rank()
         self.progress.unlogged_steps = self.metric_steps
         self.saver.save(self.progress, reason, self.log_history, self.run_history, self._run_record())
         self.last_save_at = time.monotonic()
@@ -526,6 +603,12 @@ class Run:
         return self.progress.global_step
 
     @property
+    def best_checkpoint(self) -> Path | None:
+        """The checkpoint of the best evaluation so far (best_metric), or None."""
+        name = self.progress.best_model_checkpoint
+        return self.output_dir / name if name else None
+
+    @property
     def epoch(self) -> float:
         return self.progress.epoch
 
@@ -534,6 +617,20 @@ class Run:
     def _refuse(self, line: str, code: int):
         self.requests.ignore_from_now()
         refuse(line, code)
+
+    @staticmethod
+    def _check_evaluation(evaluate, eval_steps, best_metric, on_log) -> None:
+        def refuse_arguments(message):
+            refuse(f"error: resumable.Run(...): {message}", EXIT_USAGE)
+
+        if evaluate is not None and not callable(evaluate):
+            refuse_arguments("evaluate must be a function of no arguments returning {metric: number}")
+        if evaluate is not None and not eval_steps:
+            refuse_arguments("evaluate needs eval_steps (or save_steps) to say how often it runs")
+        if best_metric is not None and evaluate is None:
+            refuse_arguments(f"best_metric={best_metric!r} needs evaluate=, the function that measures it")
+        if on_log is not None and not callable(on_log):
+            refuse_arguments("on_log must be a function taking one log entry (a dict)")
 
     @staticmethod
     def _check_arguments(max_steps, num_epochs, save_steps, save_minutes, keep_last, async_save, logging_steps) -> None:

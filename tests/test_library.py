@@ -20,7 +20,8 @@ EXAMPLE_HARNESS = str(REPO / "tests" / "example_harness.py")
 DIGITS = str(REPO / "examples" / "digits_classifier.py")
 ONE_PROCESS = [PYTHON, EXAMPLE_HARNESS, DIGITS]
 # 1500 images / 32 per batch = 46 steps per epoch on one process: 600 steps cross many epoch boundaries.
-FLAGS = ["--max_steps", "600", "--save_steps", "20"]
+# The validation accuracy every 100 steps: its entries in log_history, and the best checkpoint kept by rotation.
+FLAGS = ["--max_steps", "600", "--save_steps", "20", "--eval_steps", "100"]
 
 
 def log_history(output_dir):
@@ -29,7 +30,7 @@ def log_history(output_dir):
 
 # Each example, with the steps after which it is killed, killed inside a save, and stopped by SIGTERM (multiples of its save_steps).
 EXAMPLES = {
-    "digits_classifier": (["--max_steps", "600", "--save_steps", "20"], 100, 240, 280),  # 46 steps an epoch on 1 process, 23 on 2
+    "digits_classifier": (FLAGS, 100, 240, 280),  # 46 steps an epoch on 1 process, 23 on 2
     "two_models": (["--max_steps", "400", "--save_steps", "20"], 60, 160, 200),  # two models, two optimizers, a registered EMA
     "causal_lm_loop": (["--max_steps", "200", "--save_steps", "10"], 30, 80, 100),  # gradient accumulation 2: 69 steps an epoch on 1 process
 }
@@ -76,7 +77,14 @@ def test_example_killed_inside_and_between_saves_and_stopped_ends_byte_identical
     assert final.returncode == 0, final.stdout + final.stderr
     assert f"✅ Resumed from checkpoint (step {stopped_at})" in final.stdout
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
-    assert log_history(output_dir) == log_history(reference)  # the same losses logged at the same steps, none twice
+    assert log_history(output_dir) == log_history(reference)  # the same losses (and accuracies) logged at the same steps, none twice
+    best = best_checkpoint(reference)
+    assert best_checkpoint(output_dir) == best and (best is None or (output_dir / best / "manifest.json").is_file())  # rotation kept it
+    assert (best is not None) == (example == "digits_classifier")
+
+
+def best_checkpoint(output_dir):
+    return json.loads((output_dir / "trainer_state.json").read_text()).get("best_model_checkpoint")
 
 
 def test_async_save_killed_inside_a_background_write_then_stopped_ends_byte_identical_to_synchronous_saves(tmp_path, session_env, reference_runs):
@@ -246,7 +254,7 @@ optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
 loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
 model, optimizer, prepared = accelerator.prepare(model, optimizer, loader)
-run = resumable.Run(accelerator, sys.argv[1], max_steps=6, save_steps=2, settings={{"lr": {lr}}})
+run = resumable.Run(accelerator, sys.argv[1], max_steps=6, save_steps=2, settings={{"lr": {lr}}}{run_arguments})
 {before_start}
 run.start()
 {after_start}
@@ -259,7 +267,7 @@ for x, y in run.batches({loader}):
 {after_loop}
 sys.exit(run.finish(model))
 """
-PLAIN = dict(seedable=True, lr=0.1, before_start="", after_start="", loader="prepared", per_step="run.step(loss=loss)", after_loop="")
+PLAIN = dict(seedable=True, lr=0.1, run_arguments="", before_start="", after_start="", loader="prepared", per_step="run.step(loss=loss)", after_loop="")
 
 
 def run_loop(tmp_path, output_dir, **changes):
@@ -276,6 +284,10 @@ MISUSE = {
     "not prepared": (dict(loader="loader"), "error: run.batches(dataloader): pass the DataLoader through accelerator.prepare(...) first"),
     "unseeded shuffle": (dict(seedable=False), "error: run.batches(dataloader): its shuffle is not seeded per epoch, so a resumed run would see another order; build the Accelerator with dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True"),
     "no object": (dict(before_start="run.register(counter=[])"), "error: run.register(counter=...): a list has no state_dict()/load_state_dict()"),
+    "best metric not measured": (
+        dict(run_arguments=', evaluate=lambda: {"acc": 1.0}, best_metric="accuracy"'),
+        "error: Run(best_metric='accuracy'): evaluate() returned ['acc']; name one of them, or return 'accuracy' too",
+    ),
 }
 
 
