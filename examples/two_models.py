@@ -62,6 +62,7 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--ema_decay", type=float, default=0.99)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--async_save", action="store_true", help="write checkpoints in the background while training goes on")
     args = parser.parse_args()
 
     set_seed(args.seed)
@@ -80,8 +81,8 @@ def main() -> int:
         teacher, student, teacher_optimizer, student_optimizer, train_loader
     )
 
-    settings = {name: value for name, value in vars(args).items() if name not in ("output_dir", "save_steps")}  # resumable
-    run = resumable.Run(accelerator, args.output_dir, max_steps=args.max_steps, save_steps=args.save_steps, settings=settings)  # resumable
+    settings = {name: value for name, value in vars(args).items() if name not in ("output_dir", "save_steps", "async_save")}  # resumable
+    run = resumable.Run(accelerator, args.output_dir, max_steps=args.max_steps, save_steps=args.save_steps, settings=settings, async_save=args.async_save)  # resumable
     run.register(ema=ema)  # resumable: checkpointed with the models and optimizers, restored on resume
     run.start()  # resumable
 

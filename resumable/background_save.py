@@ -14,7 +14,8 @@ The contract of a background save:
 What it snapshots. In `start`, on the loop's thread, before the next optimizer step:
   - this rank's RNG file, written at once by accelerate's own `save_accelerator_state` (a few KB);
   - on the process that writes them (the main process), the model's state dict and each
-    optimizer's, scheduler's, sampler's and grad scaler's state, copied into host buffers that
+    optimizer's, scheduler's, sampler's and grad scaler's state, and the state_dict() of each
+    object registered for checkpointing (resumable.Run.register), copied into host buffers that
     the saver owns and reuses from save to save (tensors that share storage, such as tied
     embeddings, share it in the copy too, so safetensors stores them once as save_state does);
   - the progress, log_history, run_history and run arguments (copies).
@@ -61,8 +62,8 @@ def unsupported_reason(accelerator) -> str | None:
     """Why this run cannot save in the background, or None if it can."""
     if accelerator.distributed_type.value.upper() in UNSUPPORTED:
         return f"{accelerator.distributed_type.value} saves its own sharded state"
-    if accelerator._custom_objects or accelerator._save_model_state_pre_hook:
-        return "objects registered with accelerator.register_for_checkpointing or save hooks"
+    if accelerator._save_model_state_pre_hook:
+        return "save hooks registered with accelerator.register_save_state_pre_hook"
     return None
 
 
@@ -160,6 +161,8 @@ def state_to_write(accelerator) -> dict:
             files["dl_state_dict.bin" if i == 0 else f"dl_state_dict_{i}.bin"] = (dataloader.state_dict(), "torch")
     if accelerator.scaler is not None:
         files[SCALER_NAME] = (accelerator.scaler.state_dict(), "torch")
+    for i, obj in enumerate(accelerator._custom_objects):  # register_for_checkpointing (resumable.Run.register): save_custom_state's file
+        files[f"custom_checkpoint_{i}.pkl"] = (obj.state_dict(), False)
     return files
 
 

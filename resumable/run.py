@@ -82,7 +82,8 @@ class Run:
                           memory, and the checkpoint is rotated, handed to backup_to and reported once it is committed
                           (resumable/background_save.py holds the contract). A stop, the end and the next save wait for
                           it. Saved synchronously instead, after one warning line: with too little host memory for the
-                          copy, under FSDP/DeepSpeed/Megatron/XLA, or with objects given to register()
+                          copy, or under FSDP/DeepSpeed/Megatron/XLA. Objects given to register() are copied with the
+                          rest, at the step
     max_time              stop with a checkpoint before this much time since the process started
                           (seconds, or '90m', '1h30m', '01:30:00'); a SLURM job's end time counts too
     settings              the run's result-defining settings (learning rate, batch size, ...): recorded

@@ -147,6 +147,23 @@ def test_a_run_killed_on_2_processes_resumes_on_1_with_the_same_global_batch(tmp
     assert weight_difference(output_dir, reference) < 1e-5
 
 
+def test_async_save_copies_registered_objects_at_their_step(tmp_path, session_env, reference_runs):
+    # two_models registers an EMA that changes at every step: a copy taken later than the step would differ.
+    flags = EXAMPLES["two_models"][0]
+    launcher = example_launcher("two_models", 1)
+    reference = reference_runs(flags, launcher=launcher)  # synchronous saves, shared with the kill sequence
+    output_dir = tmp_path / "run"
+    result = train(session_env, output_dir, flags + ["--async_save"], launcher=launcher)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "💾 Saved checkpoint-20 (every save_steps, loop blocked " in result.stdout and "saving synchronously" not in result.stdout
+    assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
+    for checkpoint in ("checkpoint-360", "checkpoint-380", "checkpoint-400"):  # the ones rotation keeps
+        names = sorted(path.name for path in (reference / checkpoint).iterdir() if path.suffix in (".pkl", ".bin", ".safetensors"))
+        assert "custom_checkpoint_0.pkl" in names
+        for name in names:
+            assert file_digest(output_dir / checkpoint / name) == file_digest(reference / checkpoint / name), (checkpoint, name)
+
+
 # A loop on resumable.Run, and a transformers.Trainer script with resumable.trainer's two lines (tests/test_trainer.py)
 STOPPABLE = ["digits_classifier", "hf_trainer"]
 
