@@ -13,8 +13,8 @@ from conftest import PYTHON, REPO, Training, file_digest, kill_a_moment_after, t
 from resumable import state
 from test_library import example_launcher, log_history
 
-# 1500 images, 32 a batch: 46 batches an epoch on 1 process, 23 on each of 2, so 200 steps cross 4 (8) epoch ends.
-STREAM_FLAGS = ["--stream", "--max_steps", "200", "--save_steps", "20"]
+# 1500 images, 32 a batch: 46 batches an epoch on 1 process, 23 on each of 2, so 120 steps cross 2 (5) epoch ends.
+STREAM_FLAGS = ["--stream", "--max_steps", "120", "--save_steps", "20"]
 
 
 @pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-processes"])
@@ -23,16 +23,16 @@ def test_stream_killed_and_stopped_ends_byte_identical_with_each_ranks_position(
     reference = reference_runs(STREAM_FLAGS, launcher=launcher)
     output_dir = tmp_path / "run"
     if processes == 1:
-        # One process saves in the background and is killed on the writer thread inside the save of checkpoint-100, every
-        # file written, the manifest (the commit) not yet, while its loop reads on: the position saved must be step 100's.
+        # One process saves in the background and is killed on the writer thread inside the save of checkpoint-60, every
+        # file written, the manifest (the commit) not yet, while its loop reads on: the position saved must be step 60's.
         flags = STREAM_FLAGS + ["--async_save"]
-        killed = train(session_env, output_dir, flags, launcher=launcher, harness_env={"EXAMPLE_KILL_IN_SAVE": "100"})
-        assert killed.returncode == -9 and (output_dir / ".tmp-checkpoint-100" / "stream_state_0.pt").is_file(), killed.stdout + killed.stderr
-        assert not (output_dir / "checkpoint-100").exists()
+        killed = train(session_env, output_dir, flags, launcher=launcher, harness_env={"EXAMPLE_KILL_IN_SAVE": "60"})
+        assert killed.returncode == -9 and (output_dir / ".tmp-checkpoint-60" / "stream_state_0.pt").is_file(), killed.stdout + killed.stderr
+        assert not (output_dir / "checkpoint-60").exists()
     else:
         # Two ranks, killed with kill -9 a moment after a save, wherever their loops and streams then are.
         flags = STREAM_FLAGS
-        assert kill_a_moment_after(Training(session_env, output_dir, flags, launcher=launcher), r"💾 Saved checkpoint-60 ") == -9
+        assert kill_a_moment_after(Training(session_env, output_dir, flags, launcher=launcher), r"💾 Saved checkpoint-40 ") == -9
     newest = state.list_checkpoints(output_dir)[-1]  # the one the next start resumes from
     state.verify_checkpoint(newest)
     listed = json.loads((newest / "manifest.json").read_text())["files"]
@@ -41,7 +41,7 @@ def test_stream_killed_and_stopped_ends_byte_identical_with_each_ranks_position(
     # SIGTERM: a checkpoint at the step it stops at, exit 75 (accelerate launch's agent may say 1; launch.sh's supervisor makes it 75)
     run = Training(session_env, output_dir, flags, launcher=launcher)
     run.wait_for(rf"🔄 Found checkpoint: {newest.name}")
-    run.wait_for(r"💾 Saved checkpoint-140 ")
+    run.wait_for(r"💾 Saved checkpoint-\d+ ")  # the first save after the resume
     run.process.send_signal(signal.SIGTERM)
     code = run.finish()
     assert code == 75 if processes == 1 else code in (75, 1), run.text
@@ -53,9 +53,9 @@ def test_stream_killed_and_stopped_ends_byte_identical_with_each_ranks_position(
     assert f"✅ Resumed from checkpoint (step {stopped_at})" in final.stdout
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
     assert log_history(output_dir) == log_history(reference)  # the same losses at the same steps and epochs, none twice
-    for rank in range(processes):  # each rank's epoch and position at step 200, as the uninterrupted run saved them
+    for rank in range(processes):  # each rank's epoch and position at step 120, as the uninterrupted run saved them
         name = f"stream_state_{rank}.pt"
-        assert file_digest(output_dir / "checkpoint-200" / name) == file_digest(reference / "checkpoint-200" / name), name
+        assert file_digest(output_dir / "checkpoint-120" / name) == file_digest(reference / "checkpoint-120" / name), name
 
 
 # ---------------------------------------------------------------------------- misuse: one line naming the call and the fix, exit 2
@@ -68,7 +68,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
 class Numbers(torch.utils.data.IterableDataset):
-    # 16 examples and their position; no set_epoch, so once read to the end it yields nothing more
+    # 16 micro-batches of one example, and its position; no set_epoch, so once read to the end it yields nothing more
     def __init__(self): self.position = 0
     def __iter__(self):
         while self.position < 16:
@@ -96,10 +96,10 @@ for (x,) in run.batches({batches}):
     run.step(loss=loss)
 sys.exit(run.finish(model))
 """
-STREAM = "torch.utils.data.DataLoader(Numbers(), batch_size=4)"
+STREAM = "Numbers()"  # a stream that yields its micro-batches itself (examples/digits_classifier.py --stream batches through a DataLoader)
 STREAM_REFUSALS = {  # (Run(num_epochs=...) and DataLoader(num_workers>0) are refused by the same path, in lines of their own)
     "stateless stream": (dict(batches="torch.utils.data.DataLoader(Stateless(), batch_size=4)"), "error: run.batches(stream): a stream (Stateless) cannot be resumed at its exact sample without state_dict()/load_state_dict(): give it both"),
-    "prepared stream": (dict(batches=f"accelerator.prepare({STREAM})"), "error: run.batches(dataloader): accelerator.prepare(...) made this stream's loader read one batch ahead of the training"),
+    "prepared stream": (dict(batches="accelerator.prepare(torch.utils.data.DataLoader(Numbers(), batch_size=4))"), "error: run.batches(dataloader): accelerator.prepare(...) made this stream's loader read one batch ahead of the training"),
 }
 
 
@@ -117,11 +117,11 @@ def test_streams_that_cannot_resume_exactly_are_refused_in_one_line_with_exit_2(
     for case, (changes, expected) in STREAM_REFUSALS.items():
         assert_refused(run_stream_loop(tmp_path, tmp_path / case, **changes), expected)
 
-    # 16 examples, 4 a batch: after 4 steps (checkpoint-4) the stream, which has no set_epoch, yields nothing more
+    # 16 micro-batches of one example: after 16 steps (checkpoint-16) the stream, which has no set_epoch, yields nothing more
     output_dir = tmp_path / "kinds"
-    assert_refused(run_stream_loop(tmp_path, output_dir, length="max_steps=6"), "error: run.batches(stream): epoch 1 of the stream yielded no batch, so the run would never end")
-    assert (output_dir / "checkpoint-4" / "stream_state_0.pt").is_file()
+    assert_refused(run_stream_loop(tmp_path, output_dir, length="max_steps=20"), "error: run.batches(stream): epoch 1 of the stream yielded no batch, so the run would never end")
+    assert (output_dir / "checkpoint-16" / "stream_state_0.pt").is_file()
 
     # a checkpoint holds a stream's position or a loader's epoch and step: resuming it with the other kind is refused
-    assert_refused(run_stream_loop(tmp_path, output_dir, batches="prepared", length="max_steps=6"),
-                   "error: run.batches(dataloader): checkpoint-4 was written by a run that iterated a stream (it holds its position, stream_state_0.pt)")  # fmt: skip
+    assert_refused(run_stream_loop(tmp_path, output_dir, batches="prepared", length="max_steps=20"),
+                   "error: run.batches(dataloader): checkpoint-16 was written by a run that iterated a stream (it holds its position, stream_state_0.pt)")  # fmt: skip
