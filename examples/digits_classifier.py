@@ -2,6 +2,7 @@
 
     python examples/digits_classifier.py --output_dir out [--max_steps N] [--save_steps N]
     accelerate launch --multi_gpu --num_processes 2 examples/digits_classifier.py --output_dir out   (2 CPU ranks too)
+    ... --stream     the digits as a stream: each rank reads its own part, and each checkpoint holds where it stands
 
 Kill it any way you like and run the same command again: training continues at the exact batch,
 and the final out/model.safetensors is byte for byte the one of a run that was never stopped (CPU).
@@ -37,6 +38,35 @@ class Digits(torch.utils.data.Dataset):
         return self.images[index], self.labels[index]
 
 
+class DigitsStream(torch.utils.data.IterableDataset):
+    """This rank's part of the digits as a stream that remembers its position (state_dict/load_state_dict), as run.batches needs.
+
+    Each epoch is a shuffle drawn from (seed, epoch); rank r of W takes every W-th example of it, so the
+    ranks read disjoint parts. state_dict() is the position after the last example yielded.
+    """
+
+    def __init__(self, digits: Digits, seed: int, rank: int, world_size: int):
+        self.digits, self.seed, self.rank, self.world_size = digits, seed, rank, world_size
+        self.epoch, self.position = 0, 0
+
+    def set_epoch(self, epoch: int):  # resumable.Run calls it before each epoch
+        self.epoch, self.position = epoch, 0
+
+    def __iter__(self):
+        order = torch.randperm(len(self.digits), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        mine = order[self.rank :: self.world_size]
+        while self.position < len(mine):
+            index = mine[self.position]
+            self.position += 1  # before the yield: while the consumer holds this example, the position is already past it
+            yield self.digits[index]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
 def small_cnn() -> torch.nn.Module:
     return torch.nn.Sequential(
         torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
@@ -59,6 +89,7 @@ def main() -> int:
     parser.add_argument("--max_time", default=None, help="stop with a checkpoint before this much time: 5400, 90m, 1h30m")
     parser.add_argument("--backup_to", default=None, help="also keep checkpoints in this folder or s3://bucket/prefix (pip install obstore)")
     parser.add_argument("--async_save", action="store_true", help="write checkpoints in the background while training goes on")
+    parser.add_argument("--stream", action="store_true", help="read the digits as a per-rank stream (an IterableDataset with state_dict)")
     args = parser.parse_args()
 
     from sklearn.datasets import load_digits
@@ -75,8 +106,13 @@ def main() -> int:
     model = small_cnn()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / args.max_steps))
-    train_loader = torch.utils.data.DataLoader(train, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if args.stream:  # not prepared: each rank reads its own part, and num_workers=0 reads no batch ahead of the training
+        stream = DigitsStream(train, args.seed, accelerator.process_index, accelerator.num_processes)
+        train_loader = torch.utils.data.DataLoader(stream, batch_size=args.per_device_train_batch_size, drop_last=True, num_workers=0)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        train_loader = torch.utils.data.DataLoader(train, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True)
+        model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
 
     settings = {name: value for name, value in vars(args).items() if name in ("max_steps", "learning_rate", "per_device_train_batch_size", "seed")}  # resumable
 
@@ -92,6 +128,7 @@ def main() -> int:
 
     model.train()
     for images, labels in run.batches(train_loader):  # resumable: the batches still to train
+        images, labels = images.to(accelerator.device), labels.to(accelerator.device)  # a stream's batches are not moved by prepare
         with accelerator.accumulate(model):  # with accumulation K: no all-reduce and no optimizer step until the K-th micro-batch
             logits = model(images)
             loss = -torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).mean()  # cross-entropy, written out

@@ -216,6 +216,9 @@ def _write_file(obj, path: Path, how) -> None:
     """Write one of save_state's files from a snapshot, as save_accelerator_state does, and fsync it."""
     from accelerate.utils import save as accelerate_save
 
+    if how == "bytes":
+        state.write_rank_file(path, obj)
+        return
     if how == "torch":
         torch.save(obj, path)  # save_accelerator_state writes these with torch.save directly
     else:
@@ -273,7 +276,8 @@ class BackgroundSaver:
     def snapshot_fits(self, needed: int) -> tuple[bool, int]:
         return snapshot_fits(needed)
 
-    def start(self, model, output_dir: Path, progress, log_history: list, run_history: list, training_args: dict, reason: str, began: float) -> None:
+    def start(self, model, output_dir: Path, progress, log_history: list, run_history: list, training_args: dict, reason: str, began: float,
+              rank_files: dict | None = None) -> None:  # fmt: skip
         """Snapshot this step's state and start writing it. Every rank, with no save in flight (`wait` first).
 
         `began` is when the loop stopped for this save (before it waited for the previous one).
@@ -292,6 +296,7 @@ class BackgroundSaver:
             live = state_to_write(self.accelerator)
             copies = self.buffers.copy({name: obj for name, (obj, _) in live.items()})  # one call: buffers by visiting order
             files = {name: (copies[name], how) for name, (_, how) in live.items()}
+            files.update({name: (data, "bytes") for name, data in (rank_files or {}).items()})
         except (OSError, RuntimeError) as error:  # e.g. no host memory for the copy: every rank hears of it as SaveFailed
             save.error = error
         copies_ready = None

@@ -5,8 +5,8 @@
                             time; mid-epoch the batches already trained on are skipped without being loaded
     optimizer_steps_of_epoch(...)   the same as lists of `accumulation` micro-batches, one per optimizer step
     resumability_problem(dataloader)
-                            why a data loader's order cannot be replayed after a resume (one line
-                            that says what to change), or None
+                            why a prepared data loader's order cannot be replayed after a resume (one
+                            line that says what to change), or None. Streams: resumable/streams.py
 
 The order of an epoch is a function of the loader's seed and the epoch only: accelerate's
 SeedableRandomSampler (DataLoaderConfiguration(use_seedable_sampler=True)) draws epoch e's
@@ -87,7 +87,14 @@ def resumability_problem(dataloader) -> str | None:
     if not isinstance(dataloader, (DataLoaderShard, DataLoaderDispatcher)):
         return "pass the DataLoader through accelerator.prepare(...) first (the prepared one shards it and knows its epoch)"
     if isinstance(dataloader.dataset, torch.utils.data.IterableDataset):
-        return "a stream (IterableDataset) cannot be resumed at its exact sample by run.batches yet; use a map-style Dataset (one with __len__ and __getitem__)"
+        # accelerate's prepared loaders iterate one batch ahead (DataLoaderShard.__iter__ fetches the next batch before
+        # yielding the current one; DataLoaderDispatcher too), and with several processes they read one stream for all of
+        # them (the main process reads and broadcasts each batch, or each rank reads every batch and keeps its slice).
+        return (
+            "accelerator.prepare(...) made this stream's loader read one batch ahead of the training (and, with several processes, "
+            "read one stream for all of them), so its state is not the position after the last batch trained: pass the DataLoader "
+            "(num_workers=0) over a stream that reads this rank's part (shard by accelerator.process_index) to run.batches without preparing it"
+        )
     sampler = dataloader.get_sampler()
     if isinstance(sampler, torch.utils.data.RandomSampler) and not isinstance(sampler, SeedableRandomSampler):
         return (

@@ -158,6 +158,7 @@ class Run:
         self.started = self.stopped = self.complete = self.already_complete = False
         self.stop_reason = None
         self.batches_started = False
+        self.stream = self.resumed_checkpoint = None  # a streams.RankStream once run.batches(stream); the checkpoint start() loaded
         self.micro_batches_in_step = 0
         self.saver = None  # a saving.StepSaver, made by start(): saves, waits for background ones, rotates, reports
         self.last_save_at = time.monotonic()
@@ -233,6 +234,7 @@ class Run:
             self.accelerator.step = 0
             self.progress.global_step = saved.global_step
             saved_step = saved.global_step
+            self.resumed_checkpoint = Path(checkpoint)  # a stream's position is loaded from it when run.batches(stream) comes
             # The log line after a resume averages exactly the steps the uninterrupted run's line did.
             self.metric_sums, self.metric_steps = self._own_unlogged_sums(saved.unlogged_values, saved.world_size), saved.unlogged_steps
             self.progress.best_metric, self.progress.best_model_checkpoint = saved.best_metric, saved.best_model_checkpoint
@@ -282,6 +284,7 @@ class Run:
 
     def _check_against_checkpoint(self, checkpoint: Path) -> None:
         """Refuse another set of objects, data order or settings than the checkpoint's (before anything is loaded)."""
+        from resumable import streams
         from resumable.settings import refuse_changed_settings
 
         recorded = state.read_training_args(checkpoint)
@@ -290,6 +293,11 @@ class Run:
             raise UsageError(
                 f"{checkpoint.name} holds {describe_objects(recorded.get('objects') or {})}, this run has {describe_objects(now['objects'])}: "
                 "prepare and register the same objects, in the same order, as the run that wrote it (or choose another output_dir to start fresh)"
+            )
+        if recorded["world_size"] != now["world_size"] and (checkpoint / streams.STREAM_STATE_PATTERN.format(rank=0)).is_file():
+            raise UsageError(
+                f"{checkpoint.name} was written by {recorded['world_size']} process(es), each reading its own part of a stream, this run has "
+                f"{now['world_size']}: each position belongs to its process; resume with {recorded['world_size']} (or choose another output_dir to start fresh)"
             )
         if recorded["world_size"] * recorded["gradient_accumulation_steps"] != now["world_size"] * now["gradient_accumulation_steps"]:
             self._keep_the_global_batch(checkpoint, recorded["world_size"], recorded["gradient_accumulation_steps"])
@@ -359,29 +367,41 @@ class Run:
         Each yielded item is what the prepared loader yields. With gradient accumulation
         (Accelerator(gradient_accumulation_steps=K)) an optimizer step takes K of them, and
         run.step() is called once after the K-th (when accelerator.sync_gradients is True).
+        Or a stream, not prepared: this rank's micro-batches from an iterable with state_dict()/load_state_dict()
+        (torchdata's StatefulDataLoader, or a DataLoader(num_workers=0) over such an IterableDataset), which
+        each checkpoint holds per rank; max_steps ends it (resumable/streams.py holds the contract).
         """
         self._check_batches_may_begin(dataloader)
         return self._micro_batches(dataloader)
 
     @_in_one_line
     def _check_batches_may_begin(self, dataloader) -> None:
+        from resumable import streams
         from resumable.batches import data_order_seed, resumability_problem, steps_per_epoch
 
         if not self.started:
             raise UsageError("run.batches(...) before run.start(): call run.start() first, so that the batches begin at the resumed step")
         if self.batches_started:
             raise UsageError("run.batches(...) started a second time: iterate it once; it runs every remaining epoch by itself")
-        if problem := resumability_problem(dataloader):
-            raise UsageError(f"run.batches(dataloader): {problem}")
-        if dataloader not in self.accelerator._dataloaders:
-            raise UsageError("run.batches(dataloader): pass the loader that accelerator.prepare(...) returned")
-        self.batches_started = True
         self.accumulation = self.accelerator.gradient_accumulation_steps
-        self.steps_per_epoch = steps_per_epoch(dataloader, self.accumulation, self.accelerator.num_processes)
-        self.micro_batch_seed = self.seed if self.seed is not None else (data_order_seed(dataloader) or 0)
-        if self.steps_per_epoch == 0:
-            raise UsageError(f"run.batches(dataloader): one epoch has {len(dataloader)} batches on each process, fewer than one optimizer step of {self.accumulation}")
-        total = self.max_steps if self.max_steps is not None else int(self.num_epochs * self.steps_per_epoch + 0.999999)
+        if streams.is_stream(dataloader):
+            self.stream = streams.begin(dataloader, self.accelerator, self.resumed_checkpoint, self.num_epochs)
+            self.saver.rank_files = self.stream.checkpoint_files  # every checkpoint holds each rank's position at its step
+            self.progress.stream_epoch = float(self.stream.epoch)
+            self.steps_per_epoch, total = 0, self.max_steps  # no known length
+            self.micro_batch_seed = self.seed if self.seed is not None else 0
+        else:
+            if problem := resumability_problem(dataloader):
+                raise UsageError(f"run.batches(dataloader): {problem}")
+            if dataloader not in self.accelerator._dataloaders:
+                raise UsageError("run.batches(dataloader): pass the loader that accelerator.prepare(...) returned")
+            streams.refuse_stream_checkpoint(self.resumed_checkpoint)
+            self.steps_per_epoch = steps_per_epoch(dataloader, self.accumulation, self.accelerator.num_processes)
+            self.micro_batch_seed = self.seed if self.seed is not None else (data_order_seed(dataloader) or 0)
+            if self.steps_per_epoch == 0:
+                raise UsageError(f"run.batches(dataloader): one epoch has {len(dataloader)} batches on each process, fewer than one optimizer step of {self.accumulation}")
+            total = self.max_steps if self.max_steps is not None else int(self.num_epochs * self.steps_per_epoch + 0.999999)
+        self.batches_started = True
         self.progress.total_steps, self.progress.steps_per_epoch = total, self.steps_per_epoch
         self.progress.gradient_accumulation_steps = self.accumulation
         self.progress.per_device_train_batch_size = getattr(dataloader, "batch_size", None) or getattr(getattr(dataloader, "batch_sampler", None), "batch_size", 0)
@@ -390,7 +410,6 @@ class Run:
             self.accelerator.print(f"✅ Training is already complete ({self.progress.global_step} of {total} steps); nothing to do")
 
     def _micro_batches(self, dataloader):
-        from resumable.batches import micro_batches_of_epoch
         from resumable.randomness import micro_batch_seed, seed_micro_batch
 
         if self.already_complete:
@@ -400,10 +419,8 @@ class Run:
             return
         self.step_began = self.last_log_at = time.monotonic()
         rank, world_size, device = self.accelerator.process_index, self.accelerator.num_processes, self.accelerator.device
-        while not self.stopped and self.progress.global_step < self.progress.total_steps:
-            epoch, steps_done_in_epoch = divmod(self.progress.global_step, self.steps_per_epoch)
-            steps_to_take = min(self.steps_per_epoch - steps_done_in_epoch, self.progress.total_steps - self.progress.global_step)
-            for batch in micro_batches_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, self.accumulation):
+        try:
+            for batch in self._remaining_micro_batches(dataloader):
                 if self.stopped:  # run.step() agreed to stop after the previous micro-batch
                     return
                 if self.micro_batches_in_step == self.accumulation:
@@ -411,10 +428,25 @@ class Run:
                 seed_micro_batch(micro_batch_seed(self.micro_batch_seed, self.progress.global_step + 1, self.micro_batches_in_step, rank, world_size), device)
                 self.micro_batches_in_step += 1
                 yield batch
-            if self.stopped:
-                return
+        except UsageError as error:  # a stream's epoch that yielded no batch
+            self._refuse(f"error: {error}", EXIT_USAGE)
+        if self.stopped:
+            return
         if self.micro_batches_in_step:
             self._refuse(f"error: run.step() was not called after step {self.progress.global_step + 1}'s micro-batches: call it once after each optimizer step", EXIT_USAGE)
+
+    def _remaining_micro_batches(self, dataloader):
+        from resumable.batches import micro_batches_of_epoch
+
+        if self.stream is not None:
+            for batch in self.stream.micro_batches(until=lambda: self.stopped or self.progress.global_step >= self.progress.total_steps):
+                self.progress.stream_epoch = float(self.stream.epoch)  # trainer_state.json's epoch: the main process's passes completed
+                yield batch
+            return
+        while not self.stopped and self.progress.global_step < self.progress.total_steps:
+            epoch, steps_done_in_epoch = divmod(self.progress.global_step, self.steps_per_epoch)
+            steps_to_take = min(self.steps_per_epoch - steps_done_in_epoch, self.progress.total_steps - self.progress.global_step)
+            yield from micro_batches_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, self.accumulation)
 
     # ------------------------------------------------------------------ the per-step call
 

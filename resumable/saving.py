@@ -48,6 +48,9 @@ class StepSaver:
         self.best_checkpoint, self.after_report = best_checkpoint, after_report
         self.saved_step = saved_step  # the step whose state is on disk already (or being written), if any
         self.backup = None  # the main process's backup.BackupUploader (backup_to), set once the caller has one
+        # This rank's own files for each checkpoint, {name: bytes}, taken in save() at the step being saved
+        # (resumable.Run's stream position: resumable/streams.py); written by the sync and the background path alike.
+        self.rank_files = dict
         self.background = None
         self.memory_checked = False
         if async_save:
@@ -67,15 +70,16 @@ class StepSaver:
         """
         if self.saved_step == progress.global_step:
             return  # this exact state is on disk already
+        rank_files = self.rank_files()  # now, at this step, on the loop's thread: never later from the writer
         if self.background is not None and self._background_fits():
             began = time.monotonic()
             self.wait()
-            self.background.start(self.model, self.output_dir, progress, log_history, run_history, training_args, reason, began)
+            self.background.start(self.model, self.output_dir, progress, log_history, run_history, training_args, reason, began, rank_files)
             self.saved_step = progress.global_step
             self.deadline.save_in_flight = True
             return
         began = time.monotonic()
-        path = state.save_checkpoint(self.accelerator, self.model, self.output_dir, progress, log_history, run_history, training_args)
+        path = state.save_checkpoint(self.accelerator, self.model, self.output_dir, progress, log_history, run_history, training_args, rank_files)
         self.saved_step = progress.global_step
         seconds = time.monotonic() - began
         self._report(path, reason, f"{seconds:.2f}s", seconds)

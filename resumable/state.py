@@ -17,6 +17,7 @@ Layout of an output directory:
     OUTPUT_DIR/
       checkpoint-<global_step>/     complete checkpoints (manifest.json present)
         model.safetensors, optimizer.bin, scheduler.bin, random_states_<rank>.pkl
+        stream_state_<rank>.pt (resumable.Run with a stream: each rank's position, resumable/streams.py)
         trainer_state.json, training_args.json, software.json (versions and devices that wrote it),
         manifest.json (written last: size + XXH3-128 of each)
       .tmp-checkpoint-<step>/       a save in progress; never resumed from
@@ -449,8 +450,11 @@ def save_checkpoint(
     log_history: list,
     run_history: list,
     training_args: dict,
+    rank_files: dict | None = None,
 ) -> Path:
     """Save everything needed to resume at `state.global_step`. Every rank must call this.
+
+    `rank_files` ({name: bytes}) are this rank's own files (resumable.Run's stream position), written beside save_state's.
 
     Guarantee: when this returns, OUTPUT_DIR/checkpoint-<step> is complete and durable
     (every file fsynced, the manifest written last, the rename fsynced). If it raises,
@@ -464,6 +468,8 @@ def save_checkpoint(
         accelerator.save_state(str(temporary))
         rng_file = temporary / RNG_FILE_PATTERN.format(rank=accelerator.process_index)
         _fsync_path(rng_file)  # each rank makes its own file durable
+        for name, data in (rank_files or {}).items():
+            write_rank_file(temporary / name, data)
     except (OSError, RuntimeError) as caught:  # torch.save reports a full disk as RuntimeError
         error = caught
     if not _all_ranks_succeeded(accelerator, error is None):
@@ -482,6 +488,13 @@ def save_checkpoint(
     if not _all_ranks_succeeded(accelerator, error is None):
         raise SaveFailed(f"saving {final.name} failed ({error or 'on the main process'}); earlier checkpoints are untouched")
     return final
+
+
+def write_rank_file(path: Path, data: bytes) -> None:
+    """One of a rank's own files in a checkpoint being written, fsynced (the manifest lists it once every rank is done)."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+    _fsync_path(path)
 
 
 def begin_checkpoint(accelerator, model, output_dir: Path, global_step: int) -> tuple[Path, Path]:

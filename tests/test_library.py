@@ -66,21 +66,35 @@ def test_example_killed_inside_and_between_saves_and_stopped_ends_byte_identical
     run = Training(session_env, output_dir, flags, launcher=launcher)
     run.wait_for(rf"🔄 Found checkpoint: checkpoint-{killed_inside - save_steps}")
     run.wait_for(rf"💾 Saved checkpoint-{stopped_after} ")
+    stopped_at = stop_with_sigterm(run, processes, output_dir)
+    assert f"🧹 Removed .tmp-checkpoint-{killed_inside}, left by a save that was interrupted" in run.text
+
+    run_to_the_end_equal_to(reference, session_env, output_dir, flags, launcher, stopped_at)  # losses and accuracies logged too
+    best = best_checkpoint(reference)
+    assert best_checkpoint(output_dir) == best and (best is None or (output_dir / best / "manifest.json").is_file())  # rotation kept it
+    assert (best is not None) == (example == "digits_classifier")
+
+
+def stop_with_sigterm(run: Training, processes: int, output_dir) -> int:
+    """SIGTERM to the process the test started, as `kill` does: a checkpoint at the step it stops at, exit 75. The step.
+
+    (accelerate launch's own agent exits 1 on SIGTERM after its ranks exit 75: launch.sh's supervisor makes that 75.)
+    """
     run.process.send_signal(signal.SIGTERM)
     code = run.finish()
     assert code == 75 if processes == 1 else code in (75, 1), run.text
-    assert f"🧹 Removed .tmp-checkpoint-{killed_inside}, left by a save that was interrupted" in run.text
     stopped_at = int(run.text.split("🛑 Stopping at step ")[1].split(":")[0])
     assert (output_dir / f"checkpoint-{stopped_at}" / "manifest.json").is_file()
+    return stopped_at
 
+
+def run_to_the_end_equal_to(reference, session_env, output_dir, flags, launcher, stopped_at: int):
+    """The same command again: it resumes at the stop's step and ends with the reference's weights and log_history."""
     final = train(session_env, output_dir, flags, launcher=launcher)
     assert final.returncode == 0, final.stdout + final.stderr
     assert f"✅ Resumed from checkpoint (step {stopped_at})" in final.stdout
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
-    assert log_history(output_dir) == log_history(reference)  # the same losses (and accuracies) logged at the same steps, none twice
-    best = best_checkpoint(reference)
-    assert best_checkpoint(output_dir) == best and (best is None or (output_dir / best / "manifest.json").is_file())  # rotation kept it
-    assert (best is not None) == (example == "digits_classifier")
+    assert log_history(output_dir) == log_history(reference)  # the same values logged at the same steps, none twice
 
 
 def best_checkpoint(output_dir):
