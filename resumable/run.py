@@ -102,6 +102,9 @@ class Run:
     best_metric           the metric of evaluate's that picks the best checkpoint: a better value saves the step's
                           checkpoint at once, rotation keeps it, run.best_checkpoint names it (greater_is_better)
     on_log                called on the main process with each log_history entry (a dict), for your tracker
+    resume_from           "auto": the newest verified checkpoint; "none": start at step 0 (earlier checkpoints are moved
+                          to OUTPUT_DIR/previous-run-<time>/, never deleted); or a checkpoint's path: resume from it
+                          (verified first; the newer ones move to OUTPUT_DIR/superseded-<time>/)
     seed                  before each micro-batch the random generators (CPU and this rank's device) are seeded from
                           (seed, step, the micro-batch's place in the global batch), so that dropout and any other draw
                           in the step follow the samples, not the rank: a resume on another number of processes trains
@@ -131,6 +134,7 @@ class Run:
         best_metric: str | None = None,
         greater_is_better: bool = True,
         on_log=None,
+        resume_from: str | os.PathLike = "auto",
     ):
         from resumable.stopping import StopRequests, parse_duration, process_start_time
 
@@ -147,6 +151,7 @@ class Run:
         self.logging_steps = logging_steps
         self.backup_to, self.backup_timeout = backup_to, backup_timeout
         self.seed = seed  # keys each micro-batch's random draws; None: the loader's shuffle seed
+        self.resume_from = str(resume_from)
         self.evaluate, self.eval_steps = evaluate, eval_steps if eval_steps is not None else save_steps
         self.best_metric, self.greater_is_better, self.on_log = best_metric, greater_is_better, on_log
         self.resume_notes = []  # what a resume on another number of processes changed, said before loading
@@ -208,7 +213,7 @@ class Run:
         from resumable import starting
 
         say = self.accelerator.print
-        decision = starting.decide_start(self.accelerator, self.output_dir, backup_to=self.backup_to)
+        decision = starting.decide_start(self.accelerator, self.output_dir, backup_to=self.backup_to, resume_from=self.resume_from)
         if decision.error:
             self._refuse(f"error: {decision.error}", decision.exit_code)
         self.lock = decision.lock

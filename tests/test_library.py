@@ -363,6 +363,23 @@ def test_a_checkpoint_of_other_objects_or_settings_is_refused_with_what_differs(
     assert "🆕" not in again.stdout and file_digest(output_dir / "model.safetensors") == final_model
 
 
+def test_resume_from_a_given_checkpoint_or_from_none_moves_the_others_aside(tmp_path):
+    output_dir = tmp_path / "out"
+    assert run_loop(tmp_path, output_dir).returncode == 0  # 6 steps: checkpoints 2, 4 and 6
+    uninterrupted = file_digest(output_dir / "model.safetensors")
+
+    older = run_loop(tmp_path, output_dir, run_arguments=f", resume_from={str(output_dir / 'checkpoint-2')!r}")
+    assert older.returncode == 0, older.stdout + older.stderr
+    assert "📦 Resuming from an older checkpoint: moved checkpoint-4, checkpoint-6 to superseded-" in older.stdout
+    assert "✅ Resumed from checkpoint (step 2)" in older.stdout and file_digest(output_dir / "model.safetensors") == uninterrupted
+
+    fresh = run_loop(tmp_path, output_dir, run_arguments=', resume_from="none"')
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert "📦 resume_from none: moved 3 earlier checkpoint(s) to previous-run-" in fresh.stdout and "🆕 Starting new training" in fresh.stdout
+    assert file_digest(output_dir / "model.safetensors") == uninterrupted
+    assert len(list(output_dir.glob("superseded-*/checkpoint-6"))) == 1 and len(list(output_dir.glob("previous-run-*/checkpoint-2"))) == 1  # moved, never deleted
+
+
 def test_a_number_of_processes_that_cannot_keep_the_global_batch_is_refused_in_one_line(tmp_path):
     output_dir = tmp_path / "out"
     first = run_loop(tmp_path, output_dir, per_step="run.step(); sys.exit(75) if run.global_step == 4 else None")
