@@ -121,12 +121,13 @@ def test_launch_sh_retries_after_75_until_done_and_result_is_exact(tmp_path, ses
     # it several-fold), and trains at most 1 / step_seconds steps a second (tests/harness.py), so that the
     # attempts take little CPU and no machine, however fast, trains the run in one: its steps last longer
     # than a whole --max_time, and less than two attempts' training. Two attempts; more, within the
-    # retries, if the machine gets slower.
-    step_seconds = 0.05
-    max_time = 2 * math.ceil(measure_start_up(session_env, tmp_path, corpus, FLAGS)) + 8
-    max_steps = math.ceil((max_time + 2) / step_seconds / 100) * 100
+    # retries, if the machine gets slower. The steps are fixed and their pace is sized from the measurement,
+    # so that the reference run comes first and fills the tokenization cache the measurement needs warm.
+    max_steps = 300
     flags = tiny_flags(corpus, **{**FLAGS, "max_steps": max_steps, "save_steps": max_steps // 4})
-    reference = reference_runs(flags)
+    reference = reference_runs(flags)  # this test's own flags: computed here, in this worker's datasets cache
+    max_time = 2 * math.ceil(measure_start_up(session_env, tmp_path, corpus, FLAGS, cache_filled=True)) + 8
+    step_seconds = (max_time + 2) / max_steps  # the training takes max_time + 2 s, as ever
     env = {**session_env, **project_training_the_harness(tmp_path / "project"), "HARNESS_STEP_SECONDS": str(step_seconds), "RESUMABLE_RETRY_PAUSE": "0"}
     result = launch(env, "--retries", "40", "--output_dir", str(tmp_path / "run"), *flags, "--max_time", str(max_time), timeout=3600,
                     launch_sh=tmp_path / "project" / "launch.sh")  # fmt: skip
