@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from resumable import state
-from conftest import REPO, SAVE_MODES, Training, descendants, file_digest, measure_start_up, project_training_the_harness, signal_all_at_once, tiny_flags, train
+from conftest import REPO, SAVE_MODES, Training, descendants, file_digest, kill_when, measure_start_up, project_training_the_harness, signal_all_at_once, tiny_flags, train
 from test_multiprocess import TWO_RANKS
 
 FLAGS = dict(max_train_samples=200, gradient_accumulation_steps=2, max_steps=120, save_steps=50)
@@ -228,10 +228,7 @@ def test_sigterm_to_every_process_at_once_launch_sh_waits_for_the_training_and_e
 def test_sigterm_while_the_training_is_still_starting_is_not_fatal(tmp_path, session_env, corpus):
     flags = tiny_flags(corpus, **FLAGS)
     output_dir = tmp_path / "run"
-    first = Training(session_env, output_dir, flags, launcher=LAUNCH)
-    first.wait_for(r"Saved checkpoint-50")
-    first.signal_group(signal.SIGKILL)
-    first.finish()
+    kill_when(session_env, output_dir, flags, r"Saved checkpoint-50")  # only a checkpoint to resume from: no launch.sh needed
 
     run = Training(session_env, output_dir, flags, launcher=LAUNCH)
     deadline = time.monotonic() + 60
