@@ -142,11 +142,12 @@ def train(env, output_dir, flags, timeout=600, harness_env=None, launcher=None) 
     return subprocess.run(command, env={**env, **(harness_env or {})}, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def measure_start_up(env, directory: Path, corpus: Path, flags: dict) -> float:
+def measure_start_up(env, directory: Path, corpus: Path, flags: dict, cache_filled: bool = False) -> float:
     """Seconds from the start of a run of tiny_flags(corpus, **flags) to its end after 2 steps, on this machine now
     (seconds when it is quiet, tens of seconds when its cores are busy): the second of two such runs, the
-    first having filled the tokenization cache."""
-    for name in ("warm-up", "start-up"):
+    first having filled the tokenization cache; or the only one, if a run of the same data in `env`'s datasets
+    cache has filled it already (cache_filled)."""
+    for name in ("warm-up", "start-up")[1 if cache_filled else 0 :]:
         started = time.monotonic()
         probe = train(env, directory / f"probe-{name}", tiny_flags(corpus, **{**flags, "max_steps": 2, "save_steps": 10_000}))
         assert probe.returncode == 0, probe.stdout[-2000:] + probe.stderr[-2000:]

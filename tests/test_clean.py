@@ -65,7 +65,8 @@ def test_clean_keeps_the_final_model_deletes_the_checkpoints_and_a_rerun_trains_
 def test_clean_refuses_during_a_run_and_before_completion_and_force_deletes_anyway(tmp_path, session_env, corpus):
     output_dir = tmp_path / "run"
     flags = tiny_flags(corpus, max_steps=20000, save_steps=10, save_total_limit=2)
-    run = Training(session_env, output_dir, flags)
+    # Steps of 0.05 s (tests/harness.py): alive and holding its lock while clean starts, without taking a core.
+    run = Training(session_env, output_dir, flags, harness_env={"HARNESS_STEP_SECONDS": "0.05"})
     run.wait_for(r"Saved checkpoint-20 ")
     try:
         during = clean(session_env, output_dir)

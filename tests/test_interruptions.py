@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from resumable import state
-from conftest import REPO, SAVE_MODES, Training, descendants, file_digest, measure_start_up, project_training_the_harness, signal_all_at_once, tiny_flags, train
+from conftest import REPO, SAVE_MODES, Training, descendants, file_digest, kill_when, measure_start_up, project_training_the_harness, signal_all_at_once, tiny_flags, train
 from test_multiprocess import TWO_RANKS
 
 FLAGS = dict(max_train_samples=200, gradient_accumulation_steps=2, max_steps=120, save_steps=50)
@@ -101,7 +101,9 @@ def test_max_time_stops_in_time_with_a_checkpoint(tmp_path, session_env, corpus,
 
     flags = tiny_flags(corpus, **{**FLAGS, "max_steps": 100000, "save_steps": 100000, "max_time": f"{max_time}s"}) + save_mode
     started_at, started = time.time(), time.monotonic()
-    result = train(session_env, tmp_path / "run", flags)
+    # Steps of 0.05 s (tests/harness.py): the ~10 s before the deadline cost a core only for the steps' own work;
+    # the deadline's margin counts the measured step time, whatever it is.
+    result = train(session_env, tmp_path / "run", flags, harness_env={"HARNESS_STEP_SECONDS": "0.05"})
     elapsed = time.monotonic() - started
     assert result.returncode == 75, result.stderr[-2000:]
     assert "Stopping at step" in result.stdout and ": deadline" in result.stdout
@@ -121,12 +123,13 @@ def test_launch_sh_retries_after_75_until_done_and_result_is_exact(tmp_path, ses
     # it several-fold), and trains at most 1 / step_seconds steps a second (tests/harness.py), so that the
     # attempts take little CPU and no machine, however fast, trains the run in one: its steps last longer
     # than a whole --max_time, and less than two attempts' training. Two attempts; more, within the
-    # retries, if the machine gets slower.
-    step_seconds = 0.05
-    max_time = 2 * math.ceil(measure_start_up(session_env, tmp_path, corpus, FLAGS)) + 8
-    max_steps = math.ceil((max_time + 2) / step_seconds / 100) * 100
+    # retries, if the machine gets slower. The steps are fixed and their pace is sized from the measurement,
+    # so that the reference run comes first and fills the tokenization cache the measurement needs warm.
+    max_steps = 300
     flags = tiny_flags(corpus, **{**FLAGS, "max_steps": max_steps, "save_steps": max_steps // 4})
-    reference = reference_runs(flags)
+    reference = reference_runs(flags)  # this test's own flags: computed here, in this worker's datasets cache
+    max_time = 2 * math.ceil(measure_start_up(session_env, tmp_path, corpus, FLAGS, cache_filled=True)) + 8
+    step_seconds = (max_time + 2) / max_steps  # the training takes max_time + 2 s, as ever
     env = {**session_env, **project_training_the_harness(tmp_path / "project"), "HARNESS_STEP_SECONDS": str(step_seconds), "RESUMABLE_RETRY_PAUSE": "0"}
     result = launch(env, "--retries", "40", "--output_dir", str(tmp_path / "run"), *flags, "--max_time", str(max_time), timeout=3600,
                     launch_sh=tmp_path / "project" / "launch.sh")  # fmt: skip
@@ -225,10 +228,7 @@ def test_sigterm_to_every_process_at_once_launch_sh_waits_for_the_training_and_e
 def test_sigterm_while_the_training_is_still_starting_is_not_fatal(tmp_path, session_env, corpus):
     flags = tiny_flags(corpus, **FLAGS)
     output_dir = tmp_path / "run"
-    first = Training(session_env, output_dir, flags, launcher=LAUNCH)
-    first.wait_for(r"Saved checkpoint-50")
-    first.signal_group(signal.SIGKILL)
-    first.finish()
+    kill_when(session_env, output_dir, flags, r"Saved checkpoint-50")  # only a checkpoint to resume from: no launch.sh needed
 
     run = Training(session_env, output_dir, flags, launcher=LAUNCH)
     deadline = time.monotonic() + 60

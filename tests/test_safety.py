@@ -165,7 +165,8 @@ def test_a_checkpoint_that_will_not_fit_is_not_started_and_the_run_ends_with_the
 def test_a_second_run_on_the_same_directory_exits_2_at_once(tmp_path, session_env, corpus):
     flags = tiny_flags(corpus, **{**FLAGS, "max_steps": 100000})
     output_dir = tmp_path / "run"
-    first = Training(session_env, output_dir, flags)
+    # Steps of 0.05 s (tests/harness.py): alive and holding its lock while the second run starts, without taking a core.
+    first = Training(session_env, output_dir, flags, harness_env={"HARNESS_STEP_SECONDS": "0.05"})
     first.wait_for(r"step 10/100000")
     second = train(session_env, output_dir, flags, timeout=120)
     assert second.returncode == 2

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Training, file_digest, kill_when, tiny_flags, train, write_corpus
+from conftest import Training, computed_once, file_digest, held_lock, kill_when, shared_directory, tiny_flags, train, write_corpus
 from test_multiprocess import TWO_RANKS
 
 STEPS = 60
@@ -16,11 +16,25 @@ pytestmark = pytest.mark.slow  # each test starts the program six times (~2 min 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """Three small text files (~2.5 KB each): 60 steps cross epochs, whose file orders differ."""
-    folder = tmp_path_factory.mktemp("shards")
-    for index in range(3):
-        write_corpus(folder / f"part-{index}.txt", lines=40, seed=index)
+    """Three small text files (~2.5 KB each): 60 steps cross epochs, whose file orders differ. The same files
+    for every worker, so that flags naming them, and so the reference runs, are shared (recorded_references)."""
+    folder = shared_directory(tmp_path_factory) / "shards"
+    folder.mkdir(exist_ok=True)
+    with held_lock(folder / "shards.lock"):
+        if not (folder / "part-2.txt").exists():
+            for index in range(3):
+                write_corpus(folder / f"part-{index}.partial", lines=40, seed=index)
+                (folder / f"part-{index}.partial").rename(folder / f"part-{index}.txt")
     return folder / "part-*.txt"
+
+
+@pytest.fixture(scope="session")
+def recorded_references(tmp_path_factory):
+    """A directory for uninterrupted runs with their batches recorded, each computed once per flag set and
+    launcher and shared by every test of every worker (kill_resume_and_compare's `shared`)."""
+    shared = shared_directory(tmp_path_factory) / "recorded-references"
+    shared.mkdir(exist_ok=True)
+    return shared
 
 
 def stream_flags(train_file, **overrides):
@@ -34,11 +48,23 @@ def read_batches(prefix: Path, rank: int) -> list[tuple[int, str]]:
     return [(int(step), digests) for step, digests in (line.split("\t") for line in Path(f"{prefix}.rank{rank}").read_text().splitlines())]
 
 
-def kill_resume_and_compare(tmp_path, env, flags, launcher=None, ranks=1, resumed_flags=None):
-    reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
-    record = lambda name: {"HARNESS_RECORD_BATCHES": str(tmp_path / name)}  # noqa: E731
-    reference = train(env, reference_dir, flags, launcher=launcher, harness_env=record("reference"))
+def uninterrupted_run(directory: Path, env, flags, launcher=None) -> Path:
+    """directory/reference, a run of `flags` to its end, its batches recorded beside it (read_batches(directory/reference, rank))."""
+    directory.mkdir(parents=True, exist_ok=True)
+    reference = train(env, directory / "reference", flags, launcher=launcher, harness_env={"HARNESS_RECORD_BATCHES": str(directory / "reference")})
     assert reference.returncode == 0, reference.stdout[-2000:] + reference.stderr[-2000:]
+    return directory / "reference"
+
+
+def kill_resume_and_compare(tmp_path, env, flags, launcher=None, ranks=1, resumed_flags=None, shared=None):
+    """The reference is computed in tmp_path, or once in the session in `shared` (recorded_references)."""
+    if shared is None:
+        reference_dir = uninterrupted_run(tmp_path, env, flags, launcher)
+    else:
+        key = json.dumps([list(map(str, flags)), list(map(str, launcher or ()))])
+        reference_dir = computed_once(shared, key, lambda directory: uninterrupted_run(directory, env, flags, launcher)) / "reference"
+    run_dir = tmp_path / "run"
+    record = lambda name: {"HARNESS_RECORD_BATCHES": str(tmp_path / name)}  # noqa: E731
 
     resumed_from = []
     for kill_after_step in (10, 30, 30, 45):  # the third kill lands right after a resume (a second resume at once)
@@ -58,7 +84,7 @@ def kill_resume_and_compare(tmp_path, env, flags, launcher=None, ranks=1, resume
     history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
     assert history == json.loads((reference_dir / "trainer_state.json").read_text())["log_history"]
     for rank in range(ranks):
-        expected = dict(read_batches(tmp_path / "reference", rank))
+        expected = dict(read_batches(reference_dir, rank))
         assert sorted(expected) == list(range(1, STEPS + 1))
         trained = read_batches(tmp_path / "run", rank)
         assert {step for step, _ in trained} == set(expected)
@@ -66,13 +92,13 @@ def kill_resume_and_compare(tmp_path, env, flags, launcher=None, ranks=1, resume
     return reference_dir, run_dir
 
 
-def test_one_rank_killed_at_arbitrary_moments_ends_byte_identical(tmp_path, session_env, shards):
-    kill_resume_and_compare(tmp_path, session_env, stream_flags(shards))
+def test_one_rank_killed_at_arbitrary_moments_ends_byte_identical(tmp_path, session_env, shards, recorded_references):
+    kill_resume_and_compare(tmp_path, session_env, stream_flags(shards), shared=recorded_references)
 
 
-def test_two_workers_killed_and_resumed_give_the_zero_worker_result(tmp_path, session_env, shards):
-    # The reference reads with no worker; the killed runs tokenize in 2 worker processes.
-    kill_resume_and_compare(tmp_path, session_env, stream_flags(shards), resumed_flags=stream_flags(shards, dataloader_num_workers=2))
+def test_two_workers_killed_and_resumed_give_the_zero_worker_result(tmp_path, session_env, shards, recorded_references):
+    # The reference reads with no worker (the previous test's, computed once); the killed runs tokenize in 2 worker processes.
+    kill_resume_and_compare(tmp_path, session_env, stream_flags(shards), resumed_flags=stream_flags(shards, dataloader_num_workers=2), shared=recorded_references)
 
 
 def test_two_ranks_with_two_workers_killed_at_arbitrary_moments_end_byte_identical(tmp_path, session_env, shards):
@@ -82,7 +108,7 @@ def test_two_ranks_with_two_workers_killed_at_arbitrary_moments_end_byte_identic
         resumed_flags=stream_flags(shards, dataloader_num_workers=2),
     )  # fmt: skip
     assert (run / "checkpoint-60" / "data_stream_1.safetensors").is_file()  # one stream snapshot per rank
-    batches = [dict(read_batches(tmp_path / "reference", rank)) for rank in (0, 1)]
+    batches = [dict(read_batches(reference, rank)) for rank in (0, 1)]
     assert all(batches[0][step] != batches[1][step] for step in batches[0])  # the ranks read different parts
 
 

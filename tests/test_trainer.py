@@ -15,9 +15,10 @@ from test_library import EXAMPLE_HARNESS, example_launcher
 
 HF_TRAINER = str(REPO / "examples" / "hf_trainer.py")
 ONE_PROCESS = [PYTHON, EXAMPLE_HARNESS, HF_TRAINER]
-# os.py in blocks of 32 bytes, 90 % for training, 8 a batch, 2 micro-batches a step: ~70 steps an epoch on 1 process, ~35 on 2.
+# os.py in blocks of 32 bytes, 90 % for training, 8 a batch, 2 micro-batches a step: ~70 steps an epoch on 1 process, ~35 on 2
+# (140 steps: two epoch boundaries on 1 process, three on 2; the kill sequence below crosses one after a resume either way).
 # save_total_limit 1: the Trainer's own rotation would delete the only verified checkpoint before the next one is committed.
-FLAGS = ["--max_steps", "240", "--save_steps", "20", "--save_total_limit", "1"]
+FLAGS = ["--max_steps", "140", "--save_steps", "10", "--save_total_limit", "1"]
 PLAIN = ["--plain"]
 
 
@@ -35,34 +36,34 @@ def test_trainer_killed_inside_and_between_saves_and_stopped_ends_byte_identical
     reference = reference_runs(FLAGS, launcher=runner)
     output_dir = tmp_path / "run"
 
-    # kill -9 a moment after a save, wherever the Trainer then is
-    assert kill_a_moment_after(Training(session_env, output_dir, FLAGS, launcher=runner), r"💾 Saved checkpoint-60 ") == -9
+    # kill -9 a moment after a save, wherever the Trainer then is (40 steps before the next stage's kill, as many as ever)
+    assert kill_a_moment_after(Training(session_env, output_dir, FLAGS, launcher=runner), r"💾 Saved checkpoint-10 ") == -9
 
     # kill -9 inside the Trainer's own save (weights and optimizer written, its RNG state and trainer_state.json not)
-    killed = train(session_env, output_dir, FLAGS, launcher=runner, harness_env={"EXAMPLE_KILL_IN_TRAINER_SAVE": "100"})
-    assert killed.returncode != 0 and (output_dir / "checkpoint-100").is_dir() and not verified(output_dir, 100), killed.stdout + killed.stderr
-    assert verified(output_dir, 80)
+    killed = train(session_env, output_dir, FLAGS, launcher=runner, harness_env={"EXAMPLE_KILL_IN_TRAINER_SAVE": "50"})
+    assert killed.returncode != 0 and (output_dir / "checkpoint-50").is_dir() and not verified(output_dir, 50), killed.stdout + killed.stderr
+    assert verified(output_dir, 40)
 
-    # kill -9 after every file of checkpoint-140 is written, before its manifest: the Trainer alone would have
-    # rotated checkpoint-120 away by then (save_total_limit 1), leaving no verified checkpoint at all
-    killed = train(session_env, output_dir, FLAGS, launcher=runner, harness_env={"EXAMPLE_KILL_IN_SAVE": "140"})
+    # kill -9 after every file of checkpoint-70 is written, before its manifest: the Trainer alone would have
+    # rotated checkpoint-60 away by then (save_total_limit 1), leaving no verified checkpoint at all
+    killed = train(session_env, output_dir, FLAGS, launcher=runner, harness_env={"EXAMPLE_KILL_IN_SAVE": "70"})
     assert killed.returncode != 0, killed.stdout + killed.stderr
-    assert "⚠️  checkpoint-100 is damaged (manifest.json is missing (the save never completed)); moved aside to checkpoint-100.corrupt; resuming from checkpoint-80" in killed.stdout
-    assert (output_dir / "checkpoint-140" / "trainer_state.json").is_file() and not verified(output_dir, 140)
-    assert verified(output_dir, 120)
+    assert "⚠️  checkpoint-50 is damaged (manifest.json is missing (the save never completed)); moved aside to checkpoint-50.corrupt; resuming from checkpoint-40" in killed.stdout
+    assert (output_dir / "checkpoint-70" / "trainer_state.json").is_file() and not verified(output_dir, 70)
+    assert verified(output_dir, 60)
 
     # a stop signal: SIGTERM to the process we started (one process); SIGUSR1 to both ranks at once (two), as SLURM's
     # --signal=USR1 does (accelerate launch's agent itself does not handle USR1: signalled too, it dies of it)
     run = Training(session_env, output_dir, FLAGS, launcher=runner)
-    run.wait_for(r"🔄 Found checkpoint: checkpoint-120")
-    run.wait_for(r"💾 Saved checkpoint-180 ")
+    run.wait_for(r"🔄 Found checkpoint: checkpoint-60")
+    run.wait_for(r"💾 Saved checkpoint-80 ")  # 60 steps before the end, as many as ever: room for a late reader
     if processes == 1:
         run.process.send_signal(signal.SIGTERM)
     else:
         signal_all_at_once(descendants(run.process.pid), signal.SIGUSR1)
     code = run.finish()
     assert code == 75 if processes == 1 else code in (75, 1), f"exit {code}\n" + run.text  # accelerate launch's agent exits 1 (see test_library)
-    assert "checkpoint-140 is damaged (manifest.json is missing (the save never completed))" in run.text
+    assert "checkpoint-70 is damaged (manifest.json is missing (the save never completed))" in run.text
     stopped_at = int(run.text.split("🛑 Stopping at step ")[1].split(":")[0])
     assert f"🛑 Stopping at step {stopped_at}: {'SIGTERM' if processes == 1 else 'SIGUSR1'}" in run.text
     assert verified(output_dir, stopped_at) and "▶️  To continue, run the same command again." in run.text
@@ -72,7 +73,7 @@ def test_trainer_killed_inside_and_between_saves_and_stopped_ends_byte_identical
     assert f"✅ Resumed from checkpoint (step {stopped_at})" in final.stdout
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
     kept = sorted(path.name for path in output_dir.glob("checkpoint-*") if (path / "manifest.json").is_file())
-    assert kept == ["checkpoint-240"], kept  # save_total_limit 1, applied after each commit
+    assert kept == ["checkpoint-140"], kept  # save_total_limit 1, applied after each commit
 
 
 SHORT = ["--max_steps", "100", "--save_steps", "20"]
@@ -108,11 +109,12 @@ def test_the_trainers_own_resume_is_byte_identical_and_the_two_lines_change_no_w
 
     output_dir = tmp_path / "plain"
     run = Training(session_env, output_dir, FLAGS + PLAIN, launcher=runner)
-    while not (output_dir / "checkpoint-100" / "trainer_state.json").is_file():  # the plain script prints no save line
+    while not (output_dir / "checkpoint-60" / "trainer_state.json").is_file():  # the plain script prints no save line
         time.sleep(0.05)
     time.sleep(random.uniform(0.1, 0.4))
     run.signal_group()
     run.finish()
+    assert not (output_dir / "model.safetensors").exists(), "the kill came after the end: nothing was resumed"
     resumed = train(session_env, output_dir, FLAGS + PLAIN, launcher=runner)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert file_digest(output_dir / "model.safetensors") == file_digest(plain_reference / "model.safetensors")
@@ -123,7 +125,7 @@ def test_backup_to_restores_an_empty_output_dir_and_the_run_ends_byte_identical(
     output_dir, destination = tmp_path / "run", tmp_path / "backup"
     with_backup = FLAGS + ["--backup_to", str(destination)]
     run = Training(session_env, output_dir, with_backup, launcher=ONE_PROCESS)
-    run.wait_for(r"💾 Saved checkpoint-120 ")
+    run.wait_for(r"💾 Saved checkpoint-50 ")
     run.process.send_signal(signal.SIGTERM)  # a stop waits for the newest checkpoint to reach the backup
     assert run.finish() == 75, run.text
     stopped_at = int(run.text.split("🛑 Stopping at step ")[1].split(":")[0])
