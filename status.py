@@ -19,7 +19,7 @@ from resumable import state, status
 def describe_data(checkpoint: Path) -> list[dict]:
     """Where the checkpoint's data files were read from, and whether they are there now with the same content."""
     try:
-        recorded = state.read_training_args(checkpoint)
+        recorded = state.recorded_settings(state.read_training_args(checkpoint))
     except (OSError, ValueError):  # removed by a running training's rotation while we looked
         return []
     cache = identity.HashCache(writable=False)

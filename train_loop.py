@@ -8,10 +8,12 @@ are the same, bit for bit (on CPU), as those of a run that was never interrupted
     accelerate launch train_loop.py [flags]           as configured
     ./launch.sh [--retries N] [flags]                 the user's entry point
 
-This file is the run itself: `main()` sets up, resumes, trains and ends; `train_step()` is
-the numerics of one optimizer step. The rest lives in files named for it: config.py (flags),
-model.py (what is trained; --model_module for your own), data.py, stopping.py (signals,
-deadlines), resume.py (where to start), state.py (every byte on disk), reporting.py (logs).
+This file is the run itself: `main()` sets up and hands the run to resumable.Run, the library a
+user's own loop calls (where to start, which batches, when to save and stop, the end);
+`train_micro_batch()` is the numerics of one micro-batch. The CLI's own parts live in cli/:
+config.py (flags), model.py (what is trained; --model_module for your own), data.py and
+streaming.py (text), resume.py (the batch layout on another number of processes), reporting.py
+(the progress line and trackers); the library's in resumable/.
 
 Exit codes: 0 done (or already done) · 1 failed · 2 bad command line or input, nothing
 written · 75 stopped early with a fresh checkpoint, run again to continue · 130 aborted
@@ -20,28 +22,24 @@ by a second Ctrl+C (the previous checkpoint stays valid).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
-from resumable import backup
 from cli import lora
 from cli import resume
 from resumable import state
-from cli.config import EXIT_ABORTED, EXIT_DONE, EXIT_FAILED, EXIT_STOPPED_EARLY, EXIT_USAGE, TrainingConfig, UsageError, parse_config, parse_duration
+from cli.config import EXIT_ABORTED, EXIT_FAILED, EXIT_USAGE, TrainingConfig, UsageError, compare_with_checkpoint, parse_config
 from cli.data import DataError, eval_dataloader, input_identities
-from cli.evaluation import evaluate, is_better
+from cli.evaluation import evaluate
 from cli.model import apply_training_switches, build_model, build_optimizer, build_tokenizer, loss_of, model_identity, own_model_files
-from resumable.randomness import enable_full_determinism, micro_batch_seeds, seed_micro_batch
+from resumable.randomness import enable_full_determinism
 from resumable.run_script import leave_process_group
 from cli.reporting import TrainingLog
-from cli.saving import CheckpointSaver
 from resumable.state import TrainingState
-from resumable.stopping import Deadline, StopCheck, StopRequests, process_start_time
+from resumable.stopping import StopRequests
 from cli.trackers import Trackers, check_trackers_can_start
 from cli.training_data import load_training_data, training_batches
 
@@ -52,6 +50,8 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
         enable_full_determinism()  # before the accelerator initialises CUDA
     from accelerate.utils import set_seed
     from transformers import get_scheduler
+
+    import resumable
 
     # ---- accelerator: with no GPU, cpu=True makes the ranks a real gloo group
     accelerator = build_accelerator(config)
@@ -65,137 +65,90 @@ def main(config: TrainingConfig, stop: StopRequests) -> int:
     set_seed(config.seed)
     model, switches_record = apply_training_switches(build_model(config, tokenizer, label_names), config)  # checkpointing, LoRA, compile
 
-    # ---- where to start: decided once on the main process (which takes the lock), shared with every rank
-    decision = resume.decide_start(config, accelerator)
-    if decision.error:
-        if accelerator.is_main_process:
-            print(f"error: {decision.error}", file=sys.stderr)
-        return decision.exit_code
+    # ---- the run (resumable.Run, the library a user's own loop calls): where it starts, decided once on the main process
+    run = resumable.Run(
+        accelerator, config.output_dir, max_steps=config.max_steps if config.max_steps > 0 else None,
+        num_epochs=None if config.max_steps > 0 else config.num_train_epochs, save_steps=config.save_steps,
+        keep_last=config.save_total_limit, async_save=config.async_save, max_time=config.max_time, logging_steps=config.logging_steps,
+        allow_settings_change=config.allow_config_change, compare_settings=lambda before, now: compare_with_checkpoint(now, before, config.allow_config_change),
+        backup_to=config.backup_to, backup_timeout=config.backup_timeout, backup_keep_last=config.backup_total_limit or config.save_total_limit,
+        resume_from=config.resume_from_checkpoint, seed=config.seed, stop_requests=stop, wording=resume.CLI_WORDING,
+        evaluate=(lambda: evaluate(accelerator, model, evaluation_batches, config.task)) if eval_data is not None else None,
+        eval_steps=config.eval_steps or config.save_steps, best_metric=config.best_metric_name,
+        greater_is_better=config.best_is_greater if config.best_metric_name else True,
+        on_log=lambda entry: log.on_log(entry),  # the progress line and trackers, made once the run has started (below)
+    )  # fmt: skip
+    decision = run.find_checkpoint()
     if decision.already_complete:  # finished and cleaned: the final model stays as it is
-        say(decision.already_complete)
-        return EXIT_DONE
+        run.start()
+        return run.finish()
     plan = resume.plan_batches(config, world_size, decision.checkpoint_state)
-    for note in decision.notes + ([plan.note] if plan.note else []):
-        say(note)
+    if plan.note:
+        say(plan.note)
 
     # ---- batches, optimizer, schedule
     train_batches = training_batches(config, train_data, tokenizer, accelerator, plan, label_names)
-    total_steps = train_batches.total_steps
+    accelerator.gradient_accumulation_steps = plan.accumulation  # accelerator.accumulate syncs every plan.accumulation-th micro-batch
     optimizer = build_optimizer(model, config)
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
-    model, optimizer, train_batches.dataloader, scheduler = accelerator.prepare(model, optimizer, train_batches.dataloader, scheduler)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=train_batches.total_steps)
+    if train_batches.dataloader is not None:
+        model, optimizer, train_batches.dataloader, scheduler = accelerator.prepare(model, optimizer, train_batches.dataloader, scheduler)
+    else:  # --streaming: each rank's stream reads its own part, unprepared
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if config.use_lora:
         lora.checkpoint_only_what_trains(accelerator)
     evaluation_batches = accelerator.prepare(eval_dataloader(config, eval_data, tokenizer)) if eval_data is not None else None
-    run_args = {
+    run.settings = {
         **config.result_defining_args(), "model_config": model_identity(config), **input_identities(config, tokenizer),
         "world_size": world_size, "global_batch_size": plan.global_batch, "gradient_accumulation_steps": plan.accumulation,
         "data_fingerprint": train_batches.fingerprint, "train_samples": train_batches.samples,
         "mixed_precision": accelerator.mixed_precision, "labels": label_names, **switches_record,  # labels: a resume reads them here, not in the data
     }  # fmt: skip
 
-    # ---- resume
-    progress = TrainingState(
-        total_steps=total_steps, steps_per_epoch=train_batches.steps_per_epoch, global_batch_size=plan.global_batch,
-        world_size=world_size, per_device_train_batch_size=plan.per_device, gradient_accumulation_steps=plan.accumulation,
-    )  # fmt: skip
-    log_history = resume.resume_or_start(accelerator, decision, run_args, progress, config.allow_config_change, train_batches)
-    run_history = resume.record_start(accelerator, decision, Path(config.output_dir), progress.global_step)
-    deadline = Deadline(parse_duration(config.max_time) if config.max_time else None, process_start_time(), estimated_save_seconds(model))
-    if deadline.at is not None:
-        say(f"⏰ Will stop with a checkpoint before {deadline.describe()}")
-    stopping = StopCheck(stop, world_size, deadline)
-    trackers = Trackers(accelerator, config, progress, decision.checkpoint_state)  # the same W&B / MLflow run on every resume
-    log = TrainingLog(accelerator, progress, log_history, run_history, Path(config.output_dir), trackers)
-    saver = CheckpointSaver(accelerator, model, config, run_args, deadline, log, saved_step=progress.global_step if decision.checkpoint else None)
-    saver.backup = backup.start_uploader(accelerator, config.backup_to, Path(config.output_dir), config.backup_total_limit or config.save_total_limit, lambda: progress.best_model_checkpoint)  # copies each checkpoint in the background
+    # ---- resume (or start), the batches still to train, and what reports on the run
+    run.start()
+    batches = run.batches(train_batches.dataloader if train_batches.dataloader is not None else train_batches)
+    trackers = Trackers(accelerator, config, run.progress, decision.checkpoint_state)  # the same W&B / MLflow run on every resume
+    log = TrainingLog(accelerator, run.progress, run.log_history, trackers)
 
-    # ---- the loop
+    # ---- the loop: one micro-batch at a time, an optimizer step every plan.accumulation of them
     model.train()  # from_pretrained returns a model in eval mode: dropout would be off
-    if stopping.requested(at_step_boundary=False):  # signalled while loading
-        return stop_early(accelerator, stopping, saver, log, progress, train_batches)
-    step_began = time.monotonic()
-    while progress.global_step < total_steps:  # an epoch per round (a stream: one endless round)
-        for micro_batches in train_batches.optimizer_steps(progress.global_step, total_steps, plan.accumulation):
-            seeds = micro_batch_seeds(config.seed, progress.global_step + 1, accelerator.process_index, world_size, plan.accumulation)
-            loss = train_step(accelerator, model, optimizer, scheduler, micro_batches, config.max_grad_norm, seeds)
-            progress.global_step += 1
-            progress.stream_epoch = train_batches.epoch
-            log.add_step(loss)
-            now = time.monotonic()
-            deadline.record_step(now - step_began)
-            step_began = now
-            last_step = progress.global_step == total_steps
-
-            if progress.global_step % config.logging_steps == 0 or last_step:
-                log.log_training(learning_rate=scheduler.get_last_lr()[0])
-            log.bar.advance()
-
-            if evaluation_batches is not None and (progress.global_step % (config.eval_steps or config.save_steps) == 0 or last_step):
-                metrics = evaluate(accelerator, model, evaluation_batches, config.task)
-                log.log_evaluation(metrics)
-                if config.best_metric_name and is_better(metrics[config.best_metric_name], progress.best_metric, config.best_is_greater):
-                    progress.best_metric = metrics[config.best_metric_name]
-                    progress.best_model_checkpoint = f"{state.CHECKPOINT_PREFIX}{progress.global_step}"
-                    saver.save(progress, f"best {config.best_metric_name} so far")  # the best must exist as a checkpoint
-
-            saver.poll()  # a background save that finished becomes visible here (every rank, same step)
-            if stopping.requested():
-                return stop_early(accelerator, stopping, saver, log, progress, train_batches)
-            if progress.global_step % config.save_steps == 0 or last_step:
-                saver.save(progress, "final step" if last_step else "every --save_steps")
-    stopping.settle()
+    step_loss = 0.0
+    for batch in batches:
+        step_loss += train_micro_batch(accelerator, model, optimizer, scheduler, batch, config.max_grad_norm)
+        if accelerator.sync_gradients:  # the step's last micro-batch: an optimizer step was taken
+            run.step(loss=step_loss, learning_rate=scheduler.get_last_lr()[0])
+            step_loss = 0.0
     log.bar.close()
-    train_batches.close()
+    train_batches.close()  # --streaming's tokenizing workers end here, not in the exit
 
     # ---- the end: the final model, loadable with from_pretrained (or load_own_model for --model_module)
-    saver.save(progress, "final step")
-    saver.wait()
-    write_final_model(accelerator, model, tokenizer, config, progress, log)
-    accelerator.wait_for_everyone()
+    code = run.finish(write_model=lambda: write_final_model(accelerator, model, tokenizer, config, run.progress))
     finish_trackers(accelerator)  # the process group is left later, in run_cli, once the model is gone
-    return backup.finish(saver.backup, config.backup_timeout, progress.global_step, EXIT_DONE, EXIT_FAILED)  # 0 only once --backup_to holds the final model
+    return code
 
 
-def train_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm, seeds):
-    """One optimizer step over the micro-batches; returns this rank's mean loss (a tensor).
+def train_micro_batch(accelerator, model, optimizer, scheduler, batch, max_grad_norm):
+    """One micro-batch: its share of the step's gradient, and on the step's last one the optimizer step.
 
-    seeds[i] keys micro-batch i's random draws (dropout) to its place in the global batch.
+    Returns the micro-batch's share of the step's mean loss (a tensor, on this rank). Under
+    accelerator.accumulate, backward scales the loss by 1/accumulation and the gradients are
+    all-reduced once per step, on its last micro-batch; resumable.Run has seeded this micro-batch's
+    random draws (dropout) from its place in the global batch.
     """
-    step_loss = 0.0
-    for index, (batch, seed) in enumerate(zip(micro_batches, seeds, strict=True)):
-        is_last = index == len(micro_batches) - 1
-        seed_micro_batch(seed, accelerator.device)  # the same dropout masks on any number of processes
-        # Gradients are all-reduced once per step, on the last micro-batch.
-        with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
-            loss = loss_of(model(**batch)) / len(micro_batches)
-            accelerator.backward(loss)
-        step_loss += loss.detach()
-    if max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
-    if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return step_loss
+    with accelerator.accumulate(model):
+        loss = loss_of(model(**batch))
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()  # skipped by accelerate until the step's last micro-batch
+        if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach() / accelerator.gradient_accumulation_steps
 
 
-def stop_early(accelerator, stopping: StopCheck, saver: CheckpointSaver, log: TrainingLog, progress: TrainingState, train_batches) -> int:
-    """Every rank, at the same step boundary: save this step, say how to continue, exit 75."""
-    log.bar.close()
-    accelerator.print(f"\n🛑 Stopping at step {progress.global_step}: {stopping.reason}")
-    if progress.global_step > 0:
-        saver.save(progress, stopping.reason)  # nothing to save before the first step
-    saver.wait()  # the stop's save, or one still in flight
-    train_batches.close()  # the position is saved: --streaming's tokenizing workers end here, not in the exit
-    log.write_live_state(stop_reason=stopping.reason)
-    accelerator.print("▶️  To continue, run the same command again.")
-    finish_trackers(accelerator)  # the process group is left later, in run_cli, once the model is gone
-    backup.wait_at_stop(saver.backup, saver.config.backup_timeout)  # the stop's checkpoint to --backup_to (a requeued job may land elsewhere)
-    return EXIT_STOPPED_EARLY
-
-
-def write_final_model(accelerator, model, tokenizer, config: TrainingConfig, progress: TrainingState, log: TrainingLog) -> None:
+def write_final_model(accelerator, model, tokenizer, config: TrainingConfig, progress: TrainingState) -> None:
     """Every rank: the final model into OUTPUT_DIR (the best checkpoint's with --load_best_model_at_end)."""
     output_dir = Path(config.output_dir)
     if config.load_best_model_at_end and progress.best_model_checkpoint:
@@ -206,9 +159,6 @@ def write_final_model(accelerator, model, tokenizer, config: TrainingConfig, pro
         state.save_final_model(accelerator.unwrap_model(model), tokenizer, output_dir, full_state_dict, extra_files=own_model_files(config))
         if config.merge_lora:  # the adapter is in OUTPUT_DIR; the merged model beside it, for from_pretrained
             state.save_final_model(lora.merged(accelerator.unwrap_model(model)), tokenizer, output_dir / "merged", None)
-        state.wait_for_deletions()  # a failed deletion of an old checkpoint is reported, not lost at exit
-        log.write_live_state(stop_reason="complete", training_complete=True)
-        accelerator.print(f"🏁 Training complete: {progress.total_steps} steps. Final model in {output_dir}")
 
 
 # --------------------------------------------------------------------------- setting up the process
@@ -264,12 +214,6 @@ def compiled_on_cpu(config: TrainingConfig) -> bool:
     return config.torch_compile and not torch.cuda.is_available()
 
 
-def estimated_save_seconds(model) -> float:
-    """Until the first save is measured: weights + two Adam moments written at ~100 MB/s, plus fsyncs."""
-    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # a frozen base (LoRA) is not saved
-    return 1.0 + 3 * parameter_bytes / 100e6
-
-
 def keep_freed_memory_for_reuse() -> None:
     """Ask glibc's malloc to reuse freed memory rather than hand it back to the kernel at every step.
 
@@ -316,6 +260,8 @@ def run_cli(argv=None) -> int:
         stop = StopRequests(on_abort=lambda: record_exit_code(config, EXIT_ABORTED))
         stop.install()  # at once: a signal while the data loads must not kill the process either
         code = main(config, stop)
+    except SystemExit as refused:  # resumable.Run's one line (a refused start, a misuse) is printed already
+        code = refused.code if isinstance(refused.code, int) else EXIT_FAILED
     except UsageError as error:
         report(f"error: {error}")
         code = EXIT_USAGE

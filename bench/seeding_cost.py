@@ -2,10 +2,10 @@
 
     .venv/bin/python bench/seeding_cost.py [--steps 200] [--accumulation 2] [--config_name configs/gpt2-small-byte.json]
 
-One process, train_loop.train_step on the built-in model (dropout 0.1) with the real accelerator,
-AdamW, schedule and data. The steps alternate: with the seeding as train_loop.py runs it
-(micro_batch_seeds for the step, seed_micro_batch before each micro-batch), and without it
-(seed_micro_batch replaced by a no-op), so drift of the machine hits both alike; after --warmup
+One process, train_loop.train_micro_batch on the built-in model (dropout 0.1) with the real accelerator,
+AdamW, schedule and data. The steps alternate: with the seeding as resumable.Run does it for the
+loop (seed_micro_batch before each micro-batch, from micro_batch_seeds), and without it, so drift of
+the machine hits both alike; after --warmup
 steps, each step is timed. Also times the seeding calls alone (their own cost, µs per step),
 which is the precise number: the per-step difference is within the noise of a step.
 """
@@ -38,15 +38,13 @@ def time_steps(args) -> dict:
 
     train, tokenizer = training_blocks(args)
     train_loop.keep_freed_memory_for_reuse()
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=args.accumulation)
     model = fresh_model(args)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          collate_fn=Collator("causal-lm", tokenizer.pad_token_id))  # fmt: skip
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=10 * (args.steps + args.warmup))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    seeding, no_seeding = randomness.seed_micro_batch, lambda seed, device: None
-
     def batches():
         while True:
             yield from loader
@@ -56,13 +54,14 @@ def time_steps(args) -> dict:
     for step in range(1, args.warmup + args.steps + 1):
         arm = "with" if step % 2 else "without"
         micro_batches = [next(stream) for _ in range(args.accumulation)]
-        train_loop.seed_micro_batch = seeding if arm == "with" else no_seeding
         began = time.perf_counter()
         seeds = randomness.micro_batch_seeds(args.seed, step, accelerator.process_index, accelerator.num_processes, args.accumulation)
-        train_loop.train_step(accelerator, model, optimizer, scheduler, micro_batches, 1.0, seeds)
+        for batch, seed in zip(micro_batches, seeds):
+            if arm == "with":
+                randomness.seed_micro_batch(seed, accelerator.device)
+            train_loop.train_micro_batch(accelerator, model, optimizer, scheduler, batch, 1.0)
         if step > args.warmup:
             timings[arm].append(time.perf_counter() - began)
-    train_loop.seed_micro_batch = seeding
 
     def seed_one_step():  # what the loop adds to a step: the seeds, and seeding before each micro-batch
         for seed in randomness.micro_batch_seeds(args.seed, 1000, 0, 1, args.accumulation):

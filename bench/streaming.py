@@ -61,18 +61,15 @@ def command(corpus: Path, output_dir: Path, *flags) -> list[str]:
 
 def forge_position(checkpoint: Path, corpus: Path, fraction: float) -> None:
     """Set the stream position of a real checkpoint to the line starting at `fraction` of the file."""
-    from safetensors.numpy import load_file, save_file
+    from resumable import state, streams
 
-    from resumable import state
-
-    path = checkpoint / state.DATA_STREAM_PATTERN.format(rank=0)
-    arrays, metadata = load_file(str(path)), state.read_data_stream_metadata(checkpoint, 0)
+    record = streams.saved_stream_state(checkpoint, 0)
     with open(corpus, "rb") as handle:
         handle.seek(int(fraction * corpus.stat().st_size))
         handle.readline()
         offset = handle.tell()
-    metadata.update(epoch=0, file_slot=0, offset=offset, chunk_size=0, chunk_examples=0)
-    save_file(arrays, str(path), metadata={"stream": json.dumps(metadata)})
+    record["position"]["metadata"].update(epoch=0, file_slot=0, offset=offset, chunk_size=0, chunk_examples=0)
+    streams.write_stream_state(checkpoint, 0, record)
     state.write_manifest(checkpoint, state.read_trainer_state(checkpoint / state.TRAINER_STATE_NAME)[0].global_step)
 
 

@@ -71,6 +71,7 @@ def resumed_checkpoint_labels(config) -> tuple[str, list] | None:
     for checkpoint in candidates:
         recorded = state.read_committed_training_args(checkpoint)
         if recorded is not None:
+            recorded = state.recorded_settings(recorded)
             return (checkpoint.name, recorded[RECORD_KEY]) if recorded.get(RECORD_KEY) else None
     return None
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import math
 import sysconfig
 from pathlib import Path
 
 from cli import class_labels
 from cli import identity
-from resumable.batches import optimizer_steps_of_epoch
+from resumable import batches
 from resumable.errors import DataError  # noqa: F401 (re-exported: callers import it from here)
 
 TASKS = ("causal-lm", "sequence-classification")
@@ -232,7 +231,7 @@ def training_batches(config, train_data, tokenizer, accelerator, plan, label_nam
         train_data, batch_size=plan.per_device, shuffle=True, drop_last=True,
         collate_fn=Collator(config.task, tokenizer.pad_token_id), num_workers=config.dataloader_num_workers,
     )  # fmt: skip
-    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+    total_steps = batches.total_steps(config.max_steps if config.max_steps > 0 else None, config.num_train_epochs, steps_per_epoch)  # as resumable.Run counts them
     return EpochBatches(dataloader, steps_per_epoch, total_steps, fingerprint=train_data._fingerprint, samples=len(train_data))
 
 
@@ -245,10 +244,8 @@ def eval_dataloader(config, eval_data, tokenizer):
 
 
 class EpochBatches:
-    """Map-style training data as optimizer steps, epoch by epoch, in an order drawn from (seed, epoch).
-
-    The same interface as streaming.TrainingStream, so the loop does not care which it has.
-    """
+    """Map-style training data: the DataLoader resumable.Run's batches() iterates (each epoch's order drawn from
+    (seed, epoch)), with the run's length and identity. streaming.TrainingStream has the same fields."""
 
     epoch = None  # progress derives the epoch from the step (a stream counts its own)
 
@@ -256,12 +253,6 @@ class EpochBatches:
         self.dataloader = dataloader  # replaced by accelerator.prepare's
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.fingerprint, self.samples = fingerprint, samples
-
-    def optimizer_steps(self, global_step: int, total_steps: int, accumulation: int):
-        """The optimizer steps after `global_step` to the end of its epoch (or of training)."""
-        epoch, steps_done_in_epoch = divmod(global_step, self.steps_per_epoch)
-        steps_to_take = min(self.steps_per_epoch - steps_done_in_epoch, total_steps - global_step)
-        return optimizer_steps_of_epoch(self.dataloader, epoch, steps_done_in_epoch, steps_to_take, accumulation)
 
     def close(self) -> None:
         pass

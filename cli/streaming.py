@@ -35,9 +35,9 @@ Contract of one rank's reader (`TrainingStream`):
     read again, and the labels come from the checkpoint.
   Memory.  The buffer, the chunks in flight and one batch: it does not grow with the corpus.
 
-On disk the snapshot is OUTPUT_DIR/checkpoint-N/data_stream_<rank>.safetensors (state.py), written
-inside accelerate's save_state through a pre-save hook on every rank, and read strictly inside
-load_state through a pre-load hook.
+On disk. The stream is a resumable.Run stream (iterated by run.batches, state_dict/load_state_dict):
+the snapshot is OUTPUT_DIR/checkpoint-N/stream_state_<rank>.pt (resumable/streams.py), taken on every
+rank at the step being saved and covered by the checkpoint's manifest.
 """
 
 from __future__ import annotations
@@ -236,6 +236,7 @@ class TrainingStream:
 
         self.config, self.tokenizer, self.files, self.label_names = config, tokenizer, files, label_names
         self.rank, self.world_size, self.per_device_batch, self.device = rank, world_size, per_device_batch, device
+        self.batch_size = per_device_batch  # what resumable.Run reads as the per-device batch (trainer_state.json's samples_seen)
         self.kind = data_builder_for(files[0])
         self.spec = {
             "kind": self.kind, "task": config.task, "text_column": config.text_column, "block_size": config.block_size,
@@ -375,11 +376,10 @@ class TrainingStream:
             batch = self.collate([{"input_ids": ids, "labels": label} for ids, label in examples])
         return {name: tensor.to(self.device) for name, tensor in batch.items()}
 
-    def optimizer_steps(self, global_step: int, total_steps: int, accumulation: int):
-        """Yield lists of `accumulation` micro-batches for the optimizer steps after `global_step`
-        up to `total_steps`: one endless pass, continuing from the restored position."""
-        for _ in range(total_steps - global_step):
-            yield [self.next_batch() for _ in range(accumulation)]
+    def __iter__(self):
+        """This rank's micro-batches, from the restored position on, without end (run.batches stops at --max_steps)."""
+        while True:
+            yield self.next_batch()
 
     def close(self) -> None:
         """End the tokenizing workers, and wait for the executor's manager thread. Left to garbage collection
@@ -390,9 +390,9 @@ class TrainingStream:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
-    # ---- the snapshot (state.py writes and reads it)
-    def state_dict(self) -> tuple[dict, dict]:
-        """(arrays, metadata): the exact position between two batches. See the module docstring."""
+    # ---- the snapshot (resumable/streams.py writes and reads it)
+    def state_dict(self) -> dict:
+        """{"arrays", "metadata"}: the exact position between two batches. See the module docstring."""
         def pack(examples):
             ids = [np.asarray(ids, dtype=np.int32) for ids, _ in examples]
             return {
@@ -410,9 +410,18 @@ class TrainingStream:
             "shuffle_buffer_size": self.buffer_size, "rng": self.rng.bit_generator.state,
             "chunk_size": self._chunk_size, "chunk_examples": self._chunk_examples,
         }  # fmt: skip
-        return arrays, metadata
+        return {"arrays": arrays, "metadata": metadata}
 
-    def load_state_dict(self, arrays: dict, metadata: dict) -> None:
+    def load_state_dict(self, snapshot: dict) -> None:
+        """The position of `snapshot`; one written by another number of processes (--allow_config_change, given rank 0's)
+        starts this rank's part of its epoch afresh: the parts, and so the positions, differ."""
+        arrays, metadata = snapshot["arrays"], snapshot["metadata"]
+        if metadata["world_size"] != self.world_size:
+            self.start_epoch_afresh(int(metadata["epoch"]))
+            return
+        self._load_position(arrays, metadata)
+
+    def _load_position(self, arrays: dict, metadata: dict) -> None:
         def unpack(prefix):
             lengths, labels = arrays[f"{prefix}.lengths"], arrays[f"{prefix}.labels"]
             pieces = np.split(arrays[f"{prefix}.tokens"], np.cumsum(lengths)[:-1]) if len(lengths) else []
@@ -431,28 +440,10 @@ class TrainingStream:
         self.close()
         self._reset_position(epoch)
 
-    def attach(self, accelerator) -> None:
-        """Save and load the snapshot inside accelerate's save_state / load_state, on every rank."""
-        from resumable import state
-
-        def save(models, weights, output_dir):
-            state.save_data_stream_state(Path(output_dir), self.rank, *self.state_dict())
-
-        def load(models, input_dir):
-            saved_world = state.read_data_stream_metadata(Path(input_dir), 0)["world_size"]
-            if saved_world != self.world_size:
-                self.start_epoch_afresh(int(state.read_data_stream_metadata(Path(input_dir), 0)["epoch"]))
-                return
-            self.load_state_dict(*state.load_data_stream_state(Path(input_dir), self.rank))
-
-        accelerator.register_save_state_pre_hook(save)
-        accelerator.register_load_state_pre_hook(load)
-
 
 def training_stream(config, tokenizer, files: list[str], accelerator, plan, label_names=None) -> "TrainingStream":
-    """This rank's stream for the run, attached to save_state/load_state (its position is checkpointed)."""
+    """This rank's stream for the run: given to run.batches, which checkpoints its position."""
     stream = TrainingStream(config, tokenizer, files, accelerator.process_index, accelerator.num_processes, plan.per_device, accelerator.device, label_names)
-    stream.attach(accelerator)
     stream.steps_per_epoch, stream.total_steps = 0, config.max_steps  # no known length: --max_steps is required
     stream.fingerprint = stream_identity(files) + f":shuffle_buffer_size={config.shuffle_buffer_size}"
     stream.samples, stream.dataloader = None, None

@@ -3,7 +3,6 @@
     micro_batches_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, accumulation)
                             the micro-batches of the optimizer steps still to take in `epoch`, one at a
                             time; mid-epoch the batches already trained on are skipped without being loaded
-    optimizer_steps_of_epoch(...)   the same as lists of `accumulation` micro-batches, one per optimizer step
     resumability_problem(dataloader)
                             why a prepared data loader's order cannot be replayed after a resume (one
                             line that says what to change), or None. Streams: resumable/streams.py
@@ -48,13 +47,6 @@ def micro_batches_of_epoch(dataloader, epoch: int, steps_done_in_epoch: int, ste
     yield from itertools.islice(batches, steps_to_take * accumulation)
 
 
-def optimizer_steps_of_epoch(dataloader, epoch: int, steps_done_in_epoch: int, steps_to_take: int, accumulation: int):
-    """The same micro-batches as lists of `accumulation`: one list per optimizer step (the CLI's loop)."""
-    batches = micro_batches_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, accumulation)
-    while step := list(itertools.islice(batches, accumulation)):
-        yield step
-
-
 def steps_per_epoch(dataloader, accumulation: int, world_size: int) -> int:
     """Optimizer steps in one epoch: the complete global batches, the same number in every layout of them.
 
@@ -69,6 +61,12 @@ def steps_per_epoch(dataloader, accumulation: int, world_size: int) -> int:
     if isinstance(sharded, BatchSamplerShard) and not sharded.split_batches:
         return len(sharded.batch_sampler) // (accumulation * world_size)
     return len(dataloader) // accumulation
+
+
+def total_steps(max_steps: int | None, num_epochs: float | None, steps_per_epoch: int) -> int:
+    """The optimizer steps a run trains: max_steps, or num_epochs of steps_per_epoch rounded up (a float's noise,
+    3.0000000000000004 epochs, does not add a step)."""
+    return max_steps if max_steps is not None else int(num_epochs * steps_per_epoch + 0.999999)
 
 
 def data_order_seed(dataloader) -> int | None:

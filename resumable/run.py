@@ -33,6 +33,9 @@ Guarantees (every rank calls every method, in the same order):
   iterated twice, a loader whose order cannot be replayed) ends the process with one line naming
   the call and the fix, and exit 2. Nothing is written by a refused start.
 
+The CLI (train_loop.py) is built on these same calls, with run.find_checkpoint() before its data (the batch
+layout on another number of processes) and finish(write_model=...) for save_pretrained.
+
 Exit codes (resumable.EXIT_*): 0 done · 2 bad use or input · 75 stopped early, run again · 130 aborted.
 """
 
@@ -86,7 +89,8 @@ class Run:
                           rest, at the step
     max_time              stop with a checkpoint before this much time since the process started
                           (seconds, or '90m', '1h30m', '01:30:00'); a SLURM job's end time counts too
-    settings              the run's result-defining settings (learning rate, batch size, ...): recorded
+    settings              the run's result-defining settings (learning rate, batch size, ...; run.settings may be
+                          assigned until start(), once what they name is built): recorded
                           in each checkpoint; a resume with other values is refused with a table
     allow_settings_change accept such a change knowingly (the result then differs from an uninterrupted run)
     logging_steps         every N steps, the mean of the values passed to step() (over those steps and the ranks) goes to
@@ -105,6 +109,12 @@ class Run:
     resume_from           "auto": the newest verified checkpoint; "none": start at step 0 (earlier checkpoints are moved
                           to OUTPUT_DIR/previous-run-<time>/, never deleted); or a checkpoint's path: resume from it
                           (verified first; the newer ones move to OUTPUT_DIR/superseded-<time>/)
+    compare_settings      your own comparison of the checkpoint's settings with these: a function (before, now) that
+                          raises resumable.UsageError to refuse and returns lines to print (default: the table above)
+    backup_keep_last      checkpoints backup_to keeps (default: keep_last)
+    stop_requests         a resumable.stopping.StopRequests installed earlier (a program that catches signals before its
+                          accelerator exists); by default Run installs its own when it is made
+    wording               a resumable.starting.Wording: the names of these settings in your program's messages (a CLI's flags)
     seed                  before each micro-batch the random generators (CPU and this rank's device) are seeded from
                           (seed, step, the micro-batch's place in the global batch), so that dropout and any other draw
                           in the step follow the samples, not the rank: a resume on another number of processes trains
@@ -135,6 +145,10 @@ class Run:
         greater_is_better: bool = True,
         on_log=None,
         resume_from: str | os.PathLike = "auto",
+        compare_settings=None,
+        backup_keep_last: int | None = None,
+        stop_requests=None,
+        wording=None,
     ):
         from resumable.stopping import StopRequests, parse_duration, process_start_time
 
@@ -152,6 +166,12 @@ class Run:
         self.backup_to, self.backup_timeout = backup_to, backup_timeout
         self.seed = seed  # keys each micro-batch's random draws; None: the loader's shuffle seed
         self.resume_from = str(resume_from)
+        self.compare_settings = compare_settings
+        self.backup_keep_last = backup_keep_last if backup_keep_last is not None else keep_last
+        from resumable.starting import Wording
+
+        self.wording = wording or Wording()
+        self.decision = None  # find_checkpoint's, once made
         self.evaluate, self.eval_steps = evaluate, eval_steps if eval_steps is not None else save_steps
         self.best_metric, self.greater_is_better, self.on_log = best_metric, greater_is_better, on_log
         self.resume_notes = []  # what a resume on another number of processes changed, said before loading
@@ -175,8 +195,10 @@ class Run:
         # rewrote it ~7 times a second: 1.6 % of the loop's time in bench/library_overhead.py)
         self.live = state.LiveState(self.output_dir, min_interval=2.0)
         # At once: a signal while the model loads must not kill the process either.
-        self.requests = StopRequests(on_abort=lambda: None)
-        self.requests.install()
+        self.requests = stop_requests
+        if self.requests is None:
+            self.requests = StopRequests(on_abort=lambda: None)
+            self.requests.install()
 
     # ------------------------------------------------------------------ what to checkpoint
 
@@ -201,6 +223,26 @@ class Run:
     # ------------------------------------------------------------------ start or resume
 
     @_in_one_line
+    def find_checkpoint(self):
+        """Decide where the run starts, before anything is built from it. Every rank; at most once (start() reuses it).
+
+        The main process takes OUTPUT_DIR's lock, removes what interrupted saves left, restores from backup_to
+        when that is newer, and chooses the checkpoint (resume_from); every rank gets the same answer, a
+        resumable.starting.StartDecision: `.checkpoint` (its path, or None), `.checkpoint_state` (its progress:
+        world_size, global_batch_size, ... e.g. to size a schedule the same way), `.already_complete`.
+        Nothing is loaded. A start that cannot be made ends the process with one line (exit 2, or 1).
+        """
+        if self.decision is None:
+            from resumable import starting
+
+            decision = starting.decide_start(self.accelerator, self.output_dir, backup_to=self.backup_to, resume_from=self.resume_from, wording=self.wording)
+            if decision.error:
+                self._refuse(f"error: {decision.error}", decision.exit_code)
+            self.decision = decision
+            self.lock = decision.lock
+        return self.decision
+
+    @_in_one_line
     def start(self) -> "Run":
         """Resume from the newest verified checkpoint in OUTPUT_DIR, or start at step 0. Every rank.
 
@@ -210,13 +252,8 @@ class Run:
         if self.started:
             raise UsageError("run.start() called twice: call it once, before the loop")
         self.started = True
-        from resumable import starting
-
         say = self.accelerator.print
-        decision = starting.decide_start(self.accelerator, self.output_dir, backup_to=self.backup_to, resume_from=self.resume_from)
-        if decision.error:
-            self._refuse(f"error: {decision.error}", decision.exit_code)
-        self.lock = decision.lock
+        decision = self.find_checkpoint()
         for note in decision.notes:
             say(note)
         self.run_history = decision.run_history
@@ -243,7 +280,7 @@ class Run:
             # The log line after a resume averages exactly the steps the uninterrupted run's line did.
             self.metric_sums, self.metric_steps = self._own_unlogged_sums(saved.unlogged_values, saved.world_size), saved.unlogged_steps
             self.progress.best_metric, self.progress.best_model_checkpoint = saved.best_metric, saved.best_model_checkpoint
-            say(f"✅ Resumed from checkpoint (step {self.progress.global_step})")
+            say(f"✅ Resumed from checkpoint (step {self.progress.global_step}, epoch {saved.epoch:.2f})")
         self.run_history = self.run_history + [{
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": self.progress.global_step, "world_size": self.accelerator.num_processes,
             "event": "resume" if checkpoint else "start", "previous_stop": (decision.previous_stop or "killed or crashed") if checkpoint else None,
@@ -253,7 +290,7 @@ class Run:
         if self.backup_to:
             from resumable import backup
 
-            self.uploader = backup.start_uploader(self.accelerator, self.backup_to, self.output_dir, self.keep_last, lambda: self.progress.best_model_checkpoint)
+            self.uploader = backup.start_uploader(self.accelerator, self.backup_to, self.output_dir, self.backup_keep_last, lambda: self.progress.best_model_checkpoint)
         self._start_saving(saved_step)
         return self
 
@@ -262,7 +299,7 @@ class Run:
 
         self.saver = StepSaver(
             self.accelerator, self.accelerator._models[0] if self.accelerator._models else None, self.output_dir, self.keep_last,
-            self.deadline, saved_step, async_save=self.async_save, switch_name="async_save",
+            self.deadline, saved_step, async_save=self.async_save, switch_name=self.wording.async_save,
             best_checkpoint=lambda: self.progress.best_model_checkpoint,
             after_report=lambda: self.live.write(self.progress, self.log_history, self.run_history, steps_per_second=round(self.steps_per_second, 3)),
         )  # fmt: skip
@@ -294,16 +331,26 @@ class Run:
 
         recorded = state.read_training_args(checkpoint)
         now = self._run_record()
+        if "objects" not in recorded:  # the CLI's checkpoints before it ran on Run: its flags, flat
+            recorded = {"settings": state.recorded_settings(recorded), "world_size": recorded["world_size"], "gradient_accumulation_steps": recorded["gradient_accumulation_steps"],
+                        "objects": now["objects"], "data_order_seeds": now["data_order_seeds"]}  # fmt: skip
         if recorded.get("objects") != now["objects"]:
             raise UsageError(
                 f"{checkpoint.name} holds {describe_objects(recorded.get('objects') or {})}, this run has {describe_objects(now['objects'])}: "
                 "prepare and register the same objects, in the same order, as the run that wrote it (or choose another output_dir to start fresh)"
             )
         if recorded["world_size"] != now["world_size"] and (checkpoint / streams.STREAM_STATE_PATTERN.format(rank=0)).is_file():
-            raise UsageError(
-                f"{checkpoint.name} was written by {recorded['world_size']} process(es), each reading its own part of a stream, this run has "
-                f"{now['world_size']}: each position belongs to its process; resume with {recorded['world_size']} (or choose another output_dir to start fresh)"
-            )
+            if self.allow_settings_change:  # each rank starts the checkpoint's epoch of its part afresh (streams.RankStream.load)
+                self.resume_notes.append(
+                    f"⚠️  {self.wording.allow_settings_change}: {recorded['world_size']} → {now['world_size']} processes; each of the {now['world_size']} "
+                    "processes starts its part of the checkpoint's current epoch from the beginning (examples already trained on in that "
+                    "epoch are trained on again)"
+                )
+            else:
+                raise UsageError(
+                    f"{checkpoint.name} was written by {recorded['world_size']} process(es), each reading its own part of a stream, this run has "
+                    f"{now['world_size']}: each position belongs to its process; resume with {recorded['world_size']} (or choose another output_dir to start fresh)"
+                )
         if recorded["world_size"] * recorded["gradient_accumulation_steps"] != now["world_size"] * now["gradient_accumulation_steps"]:
             self._keep_the_global_batch(checkpoint, recorded["world_size"], recorded["gradient_accumulation_steps"])
         if recorded.get("batch_sizes", now["batch_sizes"]) != now["batch_sizes"]:
@@ -319,10 +366,13 @@ class Run:
                 "accelerate.utils.set_seed(SEED) before accelerator.prepare)"
             )
         before, current = recorded.get("settings") or {}, self.settings
+        if self.compare_settings is not None:  # the caller's own rules (the CLI's flags); it refuses with UsageError
+            self.resume_notes += list(self.compare_settings(before, current))
+            return
         changed = [name for name in sorted(set(before) | set(current), key=str) if before.get(name) != current.get(name)]
         if self.allow_settings_change:
             if changed:
-                self.accelerator.print(f"⚠️  allow_settings_change: {', '.join(map(str, changed))} differ from the checkpoint; the result will differ from an uninterrupted run")
+                self.accelerator.print(f"⚠️  {self.wording.allow_settings_change}: {', '.join(map(str, changed))} differ from the checkpoint; the result will differ from an uninterrupted run")
             return
         refuse_changed_settings(changed, before, current, "settings", "", "Run with the checkpoint's values, or pass allow_settings_change=True to accept the change knowingly.")
 
@@ -382,7 +432,7 @@ class Run:
     @_in_one_line
     def _check_batches_may_begin(self, dataloader) -> None:
         from resumable import streams
-        from resumable.batches import data_order_seed, resumability_problem, steps_per_epoch
+        from resumable.batches import data_order_seed, resumability_problem, steps_per_epoch, total_steps
 
         if not self.started:
             raise UsageError("run.batches(...) before run.start(): call run.start() first, so that the batches begin at the resumed step")
@@ -390,9 +440,9 @@ class Run:
             raise UsageError("run.batches(...) started a second time: iterate it once; it runs every remaining epoch by itself")
         self.accumulation = self.accelerator.gradient_accumulation_steps
         if streams.is_stream(dataloader):
-            self.stream = streams.begin(dataloader, self.accelerator, self.resumed_checkpoint, self.num_epochs)
+            self.stream = streams.begin(dataloader, self.accelerator, self.resumed_checkpoint, self.num_epochs, self.allow_settings_change)
             self.saver.rank_files = self.stream.checkpoint_files  # every checkpoint holds each rank's position at its step
-            self.progress.stream_epoch = float(self.stream.epoch)
+            self.progress.stream_epoch = self.stream.reported_epoch
             self.steps_per_epoch, total = 0, self.max_steps  # no known length
             self.micro_batch_seed = self.seed if self.seed is not None else 0
         else:
@@ -405,7 +455,7 @@ class Run:
             self.micro_batch_seed = self.seed if self.seed is not None else (data_order_seed(dataloader) or 0)
             if self.steps_per_epoch == 0:
                 raise UsageError(f"run.batches(dataloader): one epoch has {len(dataloader)} batches on each process, fewer than one optimizer step of {self.accumulation}")
-            total = self.max_steps if self.max_steps is not None else int(self.num_epochs * self.steps_per_epoch + 0.999999)
+            total = total_steps(self.max_steps, self.num_epochs, self.steps_per_epoch)
         self.batches_started = True
         self.progress.total_steps, self.progress.steps_per_epoch = total, self.steps_per_epoch
         self.progress.gradient_accumulation_steps = self.accumulation
@@ -413,6 +463,8 @@ class Run:
         self.progress.global_batch_size = self.progress.per_device_train_batch_size * self.accumulation * self.accelerator.num_processes
         if self.progress.global_step >= total:
             self.accelerator.print(f"✅ Training is already complete ({self.progress.global_step} of {total} steps); nothing to do")
+        if self.is_main and not self.already_complete:  # status shows the run from its start: this start in run_history, its length
+            self.live.write(self.progress, self.log_history, self.run_history)
 
     def _micro_batches(self, dataloader):
         from resumable.randomness import micro_batch_seed, seed_micro_batch
@@ -445,7 +497,7 @@ class Run:
 
         if self.stream is not None:
             for batch in self.stream.micro_batches(until=lambda: self.stopped or self.progress.global_step >= self.progress.total_steps):
-                self.progress.stream_epoch = float(self.stream.epoch)  # trainer_state.json's epoch: the main process's passes completed
+                self.progress.stream_epoch = self.stream.reported_epoch  # trainer_state.json's epoch: the main process's passes completed
                 yield batch
             return
         while not self.stopped and self.progress.global_step < self.progress.total_steps:
@@ -492,7 +544,7 @@ class Run:
             self._stop_here()
             return True
         if last_step or save_due or (self.save_steps and progress.global_step % self.save_steps == 0):
-            self._save("final step" if last_step else "every save_minutes" if save_due else "every save_steps")
+            self._save("final step" if last_step else f"every {self.wording.save_minutes}" if save_due else f"every {self.wording.save_steps}")
         return last_step
 
     def _log(self) -> None:
@@ -583,19 +635,22 @@ class Run:
     # ------------------------------------------------------------------ the end
 
     @_in_one_line
-    def finish(self, models=None) -> int:
+    def finish(self, models=None, *, write_model=None) -> int:
         """Every rank: end the run; returns the exit code (0 complete, 75 stopped early: run again).
 
         When complete, the final weights go to OUTPUT_DIR/model.safetensors, written atomically:
         `models` is one model (its state dict as is) or a dict {name: model} (keys prefixed `name.`).
+        Or `write_model`, a function of no arguments called on every rank in that place (after the last
+        checkpoint is committed, before trainer_state.json says the run is complete), writes it your way
+        (save_pretrained with a tokenizer, say); it must leave a *.safetensors in OUTPUT_DIR.
         """
         if not self.started:
             raise UsageError("run.finish() before run.start(): call run.start(), then iterate run.batches(loader)")
-        code = self._finish(models)
+        code = self._finish(models, write_model)
         self.requests.ignore_from_now()  # a stop signal arriving during exit must not kill a finished run
         return code
 
-    def _finish(self, models) -> int:
+    def _finish(self, models, write_model=None) -> int:
         say = self.accelerator.print
         if self.already_complete:
             return EXIT_DONE  # the final model in OUTPUT_DIR is the finished run's: nothing is trained or written
@@ -607,7 +662,7 @@ class Run:
             if self.uploader is not None:
                 from resumable import backup
 
-                backup.wait_at_stop(self.uploader, self.backup_timeout, "backup_timeout")  # a requeued job may land on another machine
+                backup.wait_at_stop(self.uploader, self.backup_timeout, self.wording.backup_timeout)  # a requeued job may land on another machine
             return EXIT_STOPPED_EARLY
         if not self.batches_started or self.progress.global_step < self.progress.total_steps:
             raise UsageError(f"run.finish() at step {self.progress.global_step} of {self.progress.total_steps or '?'}: iterate run.batches(loader) to its end first")
@@ -619,6 +674,8 @@ class Run:
         for name, model in named.items():
             for key, tensor in self.accelerator.get_state_dict(model).items():  # a collective under FSDP / ZeRO-3: every rank
                 weights[f"{name}.{key}" if name else key] = tensor
+        if write_model is not None:
+            write_model()
         self.accelerator.wait_for_everyone()
         if self.is_main:
             if weights:
@@ -630,10 +687,15 @@ class Run:
         if self.uploader is not None:
             from resumable import backup
 
-            code = backup.finish(self.uploader, self.backup_timeout, self.progress.global_step, EXIT_DONE, EXIT_FAILED, "backup_timeout")  # 0 only once backup_to holds the final model
+            code = backup.finish(self.uploader, self.backup_timeout, self.progress.global_step, EXIT_DONE, EXIT_FAILED, self.wording.backup_timeout)  # 0 only once backup_to holds the final model
         self.accelerator.wait_for_everyone()
         self.complete = code == EXIT_DONE
         return code
+
+    @property
+    def total_steps(self) -> int:
+        """The optimizer steps the run trains in all (known once run.batches(...) has begun)."""
+        return self.progress.total_steps
 
     @property
     def global_step(self) -> int:

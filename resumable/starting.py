@@ -29,6 +29,11 @@ class Wording:
     resume_from: str = "resume_from"
     start_fresh: str = "choose another output_dir to start fresh"
     train_again: str = "to train again from step 0, choose another output_dir"
+    save_steps: str = "save_steps"
+    save_minutes: str = "save_minutes"
+    async_save: str = "async_save"
+    backup_timeout: str = "backup_timeout"
+    allow_settings_change: str = "allow_settings_change"
 
 
 @dataclasses.dataclass

@@ -838,6 +838,12 @@ def read_training_args(path: Path) -> dict:
     return json.loads((Path(path) / TRAINING_ARGS_NAME).read_text())
 
 
+def recorded_settings(training_args: dict) -> dict:
+    """The settings resumable.Run recorded in training_args.json (the CLI's flags and identities are its settings).
+    A checkpoint of the CLI from before it ran on Run holds them flat: the whole record."""
+    return training_args.get("settings", training_args) if "objects" in training_args else training_args
+
+
 def read_committed_training_args(path: Path) -> dict | None:
     """training_args.json of a committed checkpoint, checked against its manifest entry; None if the
     checkpoint has no manifest or that one file does not match it. Reads nothing else, changes nothing
@@ -904,42 +910,3 @@ class OutputDirLock:
             fcntl.flock(handle, fcntl.LOCK_UN)
             return None
 
-
-# --------------------------------------------------------------------------- --streaming: each rank's stream position
-
-DATA_STREAM_PATTERN = "data_stream_{rank}.safetensors"
-
-
-def save_data_stream_state(directory: Path, rank: int, arrays: dict, metadata: dict) -> None:
-    """Write this rank's stream snapshot (streaming.TrainingStream.state_dict) and fsync it.
-
-    Arrays (the shuffle buffer, the packing remainder) as safetensors; the position and the
-    generator's state as readable JSON in the file's metadata. Called inside save_state on every rank.
-    """
-    from safetensors.numpy import save_file
-
-    path = Path(directory) / DATA_STREAM_PATTERN.format(rank=rank)
-    save_file({name: np.ascontiguousarray(array) for name, array in arrays.items()}, str(path), metadata={"stream": json.dumps(metadata)})
-    _fsync_path(path)
-
-
-def read_data_stream_metadata(directory: Path, rank: int) -> dict:
-    """The JSON part of a rank's stream snapshot; CheckpointError naming the file if it cannot be read."""
-    from safetensors import safe_open
-
-    path = Path(directory) / DATA_STREAM_PATTERN.format(rank=rank)
-    try:
-        with safe_open(str(path), "np") as handle:
-            return json.loads(handle.metadata()["stream"])
-    except FileNotFoundError:
-        raise CheckpointError(f"{path.name}: missing (was this checkpoint written without --streaming?)") from None
-    except Exception as error:  # safetensors raises its own SafetensorError; JSON and KeyError for a wrong file
-        raise CheckpointError(f"{path.name}: unreadable ({type(error).__name__}: {str(error).splitlines()[0]})") from None
-
-
-def load_data_stream_state(directory: Path, rank: int) -> tuple[dict, dict]:
-    """(arrays, metadata) of a rank's stream snapshot, read strictly."""
-    from safetensors.numpy import load_file
-
-    metadata = read_data_stream_metadata(directory, rank)
-    return load_file(str(Path(directory) / DATA_STREAM_PATTERN.format(rank=rank))), metadata

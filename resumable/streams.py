@@ -83,14 +83,32 @@ def position_holder(batches):
     return holder
 
 
-def begin(batches, accelerator, resumed_checkpoint: Path | None, num_epochs) -> "RankStream":
-    """This rank's stream for run.batches; after a resume, at the position the checkpoint holds. UsageError if refused."""
+def begin(batches, accelerator, resumed_checkpoint: Path | None, num_epochs, other_world_size_allowed: bool = False) -> "RankStream":
+    """This rank's stream for run.batches; after a resume, at the position the checkpoint holds. UsageError if refused.
+
+    other_world_size_allowed (Run's allow_settings_change): a checkpoint of another number of processes gives every
+    rank rank 0's position; a stream that knows better handles it in load_state_dict (the CLI's restarts that epoch).
+    """
     if num_epochs is not None:
         raise UsageError("run.batches(stream): a stream has no known length, so Run(num_epochs=...) cannot say where the run ends: give Run(max_steps=N)")
     stream = RankStream(batches, position_holder(batches), accelerator.process_index, accelerator.num_processes)
     if resumed_checkpoint is not None:
-        stream.load(Path(resumed_checkpoint))
+        stream.load(Path(resumed_checkpoint), other_world_size_allowed)
     return stream
+
+
+def saved_stream_state(checkpoint: Path, rank: int) -> dict:
+    """A rank's stream record in a checkpoint: {"epoch", "world_size", "position": its state_dict()} (for tools and tests)."""
+    import torch
+
+    return torch.load(Path(checkpoint) / STREAM_STATE_PATTERN.format(rank=rank), weights_only=False)  # manifest-verified: see RankStream.load
+
+
+def write_stream_state(checkpoint: Path, rank: int, record: dict) -> None:
+    """Replace a rank's stream record (a benchmark that forges a position; the caller rewrites the manifest)."""
+    import torch
+
+    torch.save(record, Path(checkpoint) / STREAM_STATE_PATTERN.format(rank=rank))
 
 
 def refuse_stream_checkpoint(checkpoint: Path | None) -> None:
@@ -111,11 +129,13 @@ class RankStream:
         self.epoch = 0
         self.resumed = False
 
-    def load(self, checkpoint: Path) -> None:
+    def load(self, checkpoint: Path, other_world_size_allowed: bool = False) -> None:
         """The epoch and position this rank's stream had at the checkpoint's step."""
         import torch
 
         path = checkpoint / STREAM_STATE_PATTERN.format(rank=self.rank)
+        if other_world_size_allowed and not path.is_file():
+            path = checkpoint / STREAM_STATE_PATTERN.format(rank=0)
         if not path.is_file():
             raise UsageError(
                 f"run.batches(stream): {checkpoint.name} was written by a run that iterated a prepared DataLoader (it holds no {path.name}): "
@@ -125,12 +145,20 @@ class RankStream:
         # weights_only refuses; the manifest has verified every byte of this file before the resume began, and
         # accelerate loads its own RNG pickles the same way.
         saved = torch.load(path, weights_only=False)
-        if saved["world_size"] != self.world_size:  # Run.start refuses this before (stream_state_0.pt); each rank's position is its own
+        if saved["world_size"] != self.world_size and other_world_size_allowed:
+            saved = torch.load(checkpoint / STREAM_STATE_PATTERN.format(rank=0), weights_only=False)
+        elif saved["world_size"] != self.world_size:  # Run.start refuses this before (stream_state_0.pt); each rank's position is its own
             raise UsageError(f"run.batches(stream): {path.name} was written by {saved['world_size']} process(es), this run has {self.world_size}: resume with the same number")
         self.epoch = saved["epoch"]
         self._set_epoch(self.epoch)  # as at the start of that epoch; the position loaded next is where it stood
         self.holder.load_state_dict(saved["position"])
         self.resumed = True
+
+    @property
+    def reported_epoch(self) -> float:
+        """trainer_state.json's epoch: the stream's own, if it counts one (a fraction of its data read), else the passes completed."""
+        own = getattr(self.batches, "epoch", None)
+        return float(own) if isinstance(own, (int, float)) and not isinstance(own, bool) else float(self.epoch)
 
     def checkpoint_files(self) -> dict:
         """{stream_state_<rank>.pt: its bytes}: the position after the last micro-batch yielded, taken now, at the save's step."""

@@ -122,20 +122,27 @@ if pause_step:
 record_file = os.environ.get("HARNESS_RECORD_BATCHES")
 seeds_file = os.environ.get("HARNESS_RECORD_SEEDS")
 if record_file or seeds_file:
-    original_step = train_loop.train_step
+    import torch  # noqa: E402
 
-    def recording_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm, seeds):
-        digests = [hashlib.sha256(b["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16] for b in micro_batches]
-        step = scheduler.scheduler.last_epoch + 1
-        if record_file:
-            with open(f"{record_file}.rank{accelerator.process_index}", "a") as handle:
-                handle.write(f"{step}\t{','.join(digests)}\n")
-        if seeds_file:
-            with open(f"{seeds_file}.rank{accelerator.process_index}", "a") as handle:
-                handle.write(f"{step}\t{','.join(f'{d}={s}' for d, s in zip(digests, seeds))}\n")
-        return original_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm, seeds)
+    original_micro_batch = train_loop.train_micro_batch
+    this_step = []  # (digest, seed) of each micro-batch of the step in progress
 
-    train_loop.train_step = recording_step
+    def recording_micro_batch(accelerator, model, optimizer, scheduler, batch, max_grad_norm):
+        step = scheduler.scheduler.last_epoch + 1  # the schedule steps on the step's last micro-batch, inside the call
+        # resumable.Run seeded this micro-batch's generator just before handing it out: its seed is that generator's
+        this_step.append((hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16], torch.initial_seed()))
+        result = original_micro_batch(accelerator, model, optimizer, scheduler, batch, max_grad_norm)
+        if accelerator.sync_gradients:
+            if record_file:
+                with open(f"{record_file}.rank{accelerator.process_index}", "a") as handle:
+                    handle.write(f"{step}\t{','.join(d for d, _ in this_step)}\n")
+            if seeds_file:
+                with open(f"{seeds_file}.rank{accelerator.process_index}", "a") as handle:
+                    handle.write(f"{step}\t{','.join(f'{d}={s}' for d, s in this_step)}\n")
+            this_step.clear()
+        return result
+
+    train_loop.train_micro_batch = recording_micro_batch
 
 reads_file = os.environ.get("HARNESS_RECORD_READS")
 if reads_file:
@@ -159,14 +166,17 @@ if reads_file:
 
 step_seconds = os.environ.get("HARNESS_STEP_SECONDS")
 if step_seconds:
-    unpaced_step = train_loop.train_step
+    unpaced_micro_batch = train_loop.train_micro_batch
+    step_began = []
 
-    def paced_step(*args):
-        began = time.monotonic()
-        result = unpaced_step(*args)
-        time.sleep(max(0.0, float(step_seconds) - (time.monotonic() - began)))
+    def paced_micro_batch(accelerator, *args):
+        if not step_began:
+            step_began.append(time.monotonic())
+        result = unpaced_micro_batch(accelerator, *args)
+        if accelerator.sync_gradients:  # the step's last micro-batch
+            time.sleep(max(0.0, float(step_seconds) - (time.monotonic() - step_began.pop())))
         return result
 
-    train_loop.train_step = paced_step
+    train_loop.train_micro_batch = paced_micro_batch
 
 sys.exit(train_loop.run_cli())

@@ -92,7 +92,7 @@ def run_to_the_end_equal_to(reference, session_env, output_dir, flags, launcher,
     """The same command again: it resumes at the stop's step and ends with the reference's weights and log_history."""
     final = train(session_env, output_dir, flags, launcher=launcher)
     assert final.returncode == 0, final.stdout + final.stderr
-    assert f"✅ Resumed from checkpoint (step {stopped_at})" in final.stdout
+    assert f"✅ Resumed from checkpoint (step {stopped_at}, epoch " in final.stdout
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
     assert log_history(output_dir) == log_history(reference)  # the same values logged at the same steps, none twice
 
@@ -117,7 +117,7 @@ def test_async_save_killed_inside_a_background_write_then_stopped_ends_byte_iden
     run.wait_for(r"💾 Saved checkpoint-280 ")
     run.process.send_signal(signal.SIGTERM)
     assert run.finish() == 75, run.text
-    assert "🧹 Removed .tmp-checkpoint-240, left by a save that was interrupted" in run.text and "✅ Resumed from checkpoint (step 220)" in run.text
+    assert "🧹 Removed .tmp-checkpoint-240, left by a save that was interrupted" in run.text and "✅ Resumed from checkpoint (step 220, epoch " in run.text
     stopped_at = int(run.text.split("🛑 Stopping at step ")[1].split(":")[0])
     assert f"💾 Saved checkpoint-{stopped_at} (SIGTERM, loop blocked " in run.text or stopped_at % 20 == 0, run.text
     assert not list(output_dir.glob(".tmp-checkpoint-*"))  # the save in flight and the stop's own were committed before exit 75
@@ -126,7 +126,7 @@ def test_async_save_killed_inside_a_background_write_then_stopped_ends_byte_iden
 
     final = train(session_env, output_dir, with_async, launcher=ONE_PROCESS)
     assert final.returncode == 0, final.stdout + final.stderr
-    assert f"✅ Resumed from checkpoint (step {stopped_at})" in final.stdout
+    assert f"✅ Resumed from checkpoint (step {stopped_at}, epoch " in final.stdout
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
     for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):  # written by the thread, from the snapshot
         assert file_digest(output_dir / "checkpoint-600" / name) == file_digest(reference / "checkpoint-600" / name), name
@@ -153,7 +153,7 @@ def test_a_run_killed_on_2_processes_resumes_on_1_with_the_same_global_batch(tmp
     resumed = train(session_env, output_dir, FLAGS, launcher=ONE_PROCESS)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "🔀 world size 2 → 1: gradient accumulation 1 → 2, 2 micro-batches per optimizer step unchanged" in resumed.stdout
-    resumed_from = int(resumed.stdout.split("✅ Resumed from checkpoint (step ")[1].split(")")[0])
+    resumed_from = int(resumed.stdout.split("✅ Resumed from checkpoint (step ")[1].split(",")[0])
     assert 100 <= resumed_from < 600, resumed.stdout
     assert [entry["step"] for entry in log_history(output_dir)] == [entry["step"] for entry in log_history(reference)]
     # The same samples and masks in every step; only the order of the gradient sum differs (an all-reduce against
@@ -252,7 +252,7 @@ def test_backup_to_restores_the_run_on_an_empty_output_dir_and_ends_byte_identic
     final = train(session_env, output_dir, with_backup, launcher=ONE_PROCESS)
     assert final.returncode == 0, final.stdout + final.stderr
     restored = int(final.stdout.split("☁️  restored checkpoint-")[1].split(" ")[0])
-    assert restored > 0 and f"✅ Resumed from checkpoint (step {restored})" in final.stdout, final.stdout
+    assert restored > 0 and f"✅ Resumed from checkpoint (step {restored}, epoch " in final.stdout, final.stdout
     assert "☁️  final model and checkpoint-600 are in" in final.stdout
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
     assert file_digest(destination / "final-model" / "model.safetensors") == file_digest(reference / "model.safetensors")
@@ -351,7 +351,7 @@ def test_a_checkpoint_of_other_objects_or_settings_is_refused_with_what_differs(
 
     same = run_loop(tmp_path, output_dir, before_start="run.register(counter=Counter())")
     assert same.returncode == 0, same.stdout + same.stderr
-    assert "✅ Resumed from checkpoint (step 4)" in same.stdout and "🏁 Training complete: 6 steps" in same.stdout
+    assert "✅ Resumed from checkpoint (step 4, epoch " in same.stdout and "🏁 Training complete: 6 steps" in same.stdout
 
     # finished, then its checkpoints deleted (./launch.sh clean): a rerun trains nothing and keeps the final model
     final_model = file_digest(output_dir / "model.safetensors")
@@ -371,7 +371,7 @@ def test_resume_from_a_given_checkpoint_or_from_none_moves_the_others_aside(tmp_
     older = run_loop(tmp_path, output_dir, run_arguments=f", resume_from={str(output_dir / 'checkpoint-2')!r}")
     assert older.returncode == 0, older.stdout + older.stderr
     assert "📦 Resuming from an older checkpoint: moved checkpoint-4, checkpoint-6 to superseded-" in older.stdout
-    assert "✅ Resumed from checkpoint (step 2)" in older.stdout and file_digest(output_dir / "model.safetensors") == uninterrupted
+    assert "✅ Resumed from checkpoint (step 2, epoch " in older.stdout and file_digest(output_dir / "model.safetensors") == uninterrupted
 
     fresh = run_loop(tmp_path, output_dir, run_arguments=', resume_from="none"')
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr

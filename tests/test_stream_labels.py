@@ -11,7 +11,7 @@ import pytest
 from conftest import file_digest, kill_when, tiny_flags, train
 from test_streaming import STEPS, kill_resume_and_compare
 
-from resumable import state
+from resumable import state, streams
 
 LABELS = ["neg", "neu", "pos"]
 
@@ -57,7 +57,7 @@ def test_killed_and_resumed_classifier_ends_byte_identical(tmp_path, session_env
     reference, run = kill_resume_and_compare(tmp_path, session_env, classifier_flags(labelled, label_names=label_names))
     expected = label_names.split(",") if label_names else LABELS  # the user's order, else sorted
     assert id2label(run) == id2label(reference) == expected
-    assert state.read_training_args(run / "checkpoint-60")["labels"] == expected
+    assert state.recorded_settings(state.read_training_args(run / "checkpoint-60"))["labels"] == expected
 
 
 @pytest.mark.quick
@@ -81,7 +81,7 @@ def test_resume_after_the_files_moved_reads_no_label_column(tmp_path, session_en
     assert "✅ Resumed from checkpoint (step 7" in resumed.stdout
 
     # The first file read is the checkpoint's stream position, at its saved offset: no row before it, no scan.
-    position = state.read_data_stream_metadata(tmp_path / "run" / "checkpoint-7", 0)
+    position = streams.saved_stream_state(tmp_path / "run" / "checkpoint-7", 0)["position"]["metadata"]
     kind, path, offset = reads.read_text().splitlines()[0].split("\t")
     assert (kind, offset) == ("read", str(position["offset"])) and position["offset"] is not None
     assert Path(path).parent == tmp_path / "after"

@@ -107,7 +107,7 @@ def test_two_ranks_with_two_workers_killed_at_arbitrary_moments_end_byte_identic
         tmp_path, session_env, stream_flags(shards), launcher=TWO_RANKS, ranks=2,
         resumed_flags=stream_flags(shards, dataloader_num_workers=2),
     )  # fmt: skip
-    assert (run / "checkpoint-60" / "data_stream_1.safetensors").is_file()  # one stream snapshot per rank
+    assert (run / "checkpoint-60" / "stream_state_1.pt").is_file()  # one stream snapshot per rank
     batches = [dict(read_batches(reference, rank)) for rank in (0, 1)]
     assert all(batches[0][step] != batches[1][step] for step in batches[0])  # the ranks read different parts
 
