@@ -327,7 +327,6 @@ class Run:
     def _check_against_checkpoint(self, checkpoint: Path) -> None:
         """Refuse another set of objects, data order or settings than the checkpoint's (before anything is loaded)."""
         from resumable import streams
-        from resumable.settings import refuse_changed_settings
 
         recorded = state.read_training_args(checkpoint)
         now = self._run_record()
@@ -353,6 +352,9 @@ class Run:
                 )
         if recorded["world_size"] * recorded["gradient_accumulation_steps"] != now["world_size"] * now["gradient_accumulation_steps"]:
             self._keep_the_global_batch(checkpoint, recorded["world_size"], recorded["gradient_accumulation_steps"])
+        self._compare_settings(recorded.get("settings") or {})
+        if self.allow_settings_change:
+            return  # another batch size or shuffle seed is a change the user accepted (a settings table names it, if recorded)
         if recorded.get("batch_sizes", now["batch_sizes"]) != now["batch_sizes"]:
             raise UsageError(
                 f"the data loaders' per-process batch sizes {now['batch_sizes']} differ from the checkpoint's {recorded['batch_sizes']}, so "
@@ -365,7 +367,12 @@ class Run:
                 "the ones the run skipped: seed them (DataLoaderConfiguration(use_seedable_sampler=True, data_seed=SEED), or "
                 "accelerate.utils.set_seed(SEED) before accelerator.prepare)"
             )
-        before, current = recorded.get("settings") or {}, self.settings
+
+    def _compare_settings(self, before: dict) -> None:
+        """The settings first: a changed seed or batch size is refused with the table that names it, before the checks below."""
+        from resumable.settings import refuse_changed_settings
+
+        current = self.settings
         if self.compare_settings is not None:  # the caller's own rules (the CLI's flags); it refuses with UsageError
             self.resume_notes += list(self.compare_settings(before, current))
             return
