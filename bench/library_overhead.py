@@ -83,12 +83,15 @@ began = time.perf_counter()
 while done < steps:
     loader.set_epoch(epoch)
     for images, labels in loader:
-        logits = model(images)
-        loss = -torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).mean()
-        accelerator.backward(loss)
-        optimizer.step()
+        with accelerator.accumulate(model):  # the example's loop (accumulation 1): the user's, not the library's
+            logits = model(images)
+            loss = -torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).mean()
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
         scheduler.step()
-        optimizer.zero_grad()
         done += 1
         if save and done % save_steps == 0:
             accelerator.save_state({output_dir!r} + f"/checkpoint-{{done}}")
