@@ -79,7 +79,10 @@ def test_kill_9_on_the_same_number_of_processes_ends_byte_identical(tmp_path, se
     run.finish()
     final = train(session_env, output_dir, flags, launcher=launcher)
     assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
-    assert "Resumed from checkpoint (step 14" in final.stdout
+    # The kill lands after checkpoint-14, or (on a loaded machine, whose output the test reads late) after checkpoint-21:
+    # seen in two whole-suite runs (the one inspected resumed from 21 and ended byte-identical). Steps are trained again either way.
+    resumed_from = int(final.stdout.split("Resumed from checkpoint (step ")[1].split(",")[0])
+    assert resumed_from in (14, 21), final.stdout[-2000:]
     assert file_digest(output_dir / "model.safetensors") == file_digest(reference / "model.safetensors")
 
 
