@@ -20,13 +20,14 @@ import itertools
 
 
 def micro_batches_of_epoch(dataloader, epoch: int, steps_done_in_epoch: int, steps_to_take: int, accumulation: int):
-    """Yield the micro-batches of the optimizer steps still to take this epoch, one at a time.
+    """An iterator over the micro-batches of the optimizer steps still to take this epoch, one at a time.
 
     Mid-epoch (after a resume) the batches already trained on are skipped without being
     loaded, so the next batch is the one the uninterrupted run took next. One at a time, so
     that the loader fetches the next batch only when the loop asks for it: accelerate marks
     the end of the data when it fetches the last batch, and `accelerator.accumulate` syncs
     gradients there, so fetching a step's micro-batches ahead ended a step one early.
+    An iterator, not a generator: each micro-batch then passes through no Python frame of its own.
     """
     from accelerate import skip_first_batches
 
@@ -44,7 +45,7 @@ def micro_batches_of_epoch(dataloader, epoch: int, steps_done_in_epoch: int, ste
         batches = itertools.chain([first], batches)
     else:
         batches = iter(dataloader)
-    yield from itertools.islice(batches, steps_to_take * accumulation)
+    return itertools.islice(batches, steps_to_take * accumulation)
 
 
 def steps_per_epoch(dataloader, accumulation: int, world_size: int) -> int:

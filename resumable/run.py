@@ -188,7 +188,7 @@ class Run:
         self.saver = None  # a saving.StepSaver, made by start(): saves, waits for background ones, rotates, reports
         self.last_save_at = time.monotonic()
         self.step_began = None
-        self.metric_sums, self.metric_steps = {}, 0
+        self.values = StepValues()  # what step() was given since the last log line
         self.steps_per_second = 0.0
         self.lock = None
         # trainer_state.json for status: at log steps, but at most every 2 s (a step of a few ms logged every 10 steps
@@ -278,7 +278,7 @@ class Run:
             saved_step = saved.global_step
             self.resumed_checkpoint = Path(checkpoint)  # a stream's position is loaded from it when run.batches(stream) comes
             # The log line after a resume averages exactly the steps the uninterrupted run's line did.
-            self.metric_sums, self.metric_steps = self._own_unlogged_sums(saved.unlogged_values, saved.world_size), saved.unlogged_steps
+            self.values = StepValues(self._own_unlogged_sums(saved.unlogged_values, saved.world_size), saved.unlogged_steps)
             self.progress.best_metric, self.progress.best_model_checkpoint = saved.best_metric, saved.best_model_checkpoint
             say(f"✅ Resumed from checkpoint (step {self.progress.global_step}, epoch {saved.epoch:.2f})")
         self.run_history = self.run_history + [{
@@ -533,9 +533,7 @@ class Run:
         self.micro_batches_in_step = 0
         progress = self.progress
         progress.global_step += 1
-        for name, value in values.items():
-            self.metric_sums[name] = self.metric_sums.get(name, 0.0) + (value.detach() if hasattr(value, "detach") else float(value))
-        self.metric_steps += 1
+        self.values.add(values)
         now = time.monotonic()
         self.deadline.record_step(now - self.step_began)
         self.step_began = now
@@ -556,15 +554,16 @@ class Run:
 
     def _log(self) -> None:
         """Every rank (a collective): each value's mean over the steps since the last line and over the ranks."""
-        if not self.metric_steps:
+        if not self.values.steps:
             return
-        names = sorted(self.metric_sums)
-        means = self.accelerator.reduce(self._sums_tensor(names), reduction="mean").tolist() if names else []
+        sums = self.values.sums()
+        if sums and self.accelerator.num_processes > 1:
+            sums = dict(zip(sums, self.accelerator.reduce(self._sums_tensor(sums), reduction="mean").tolist()))
         entry = {"step": self.progress.global_step, "epoch": round(self.progress.epoch, 4)}
-        entry.update({name: round(total / self.metric_steps, 6) for name, total in zip(names, means)})
+        entry.update({name: round(total / self.values.steps, 6) for name, total in sums.items()})
         now = time.monotonic()
-        self.steps_per_second = self.metric_steps / max(now - self.last_log_at, 1e-9)
-        self.metric_sums, self.metric_steps, self.last_log_at = {}, 0, now
+        self.steps_per_second = self.values.steps / max(now - self.last_log_at, 1e-9)
+        self.values, self.last_log_at = StepValues(), now
         self._record(entry)
 
     def _record(self, entry: dict) -> None:
@@ -574,18 +573,20 @@ class Run:
                 self.on_log(dict(entry))
             self.live.write_if_due(self.progress, self.log_history, self.run_history, steps_per_second=round(self.steps_per_second, 3))
 
-    def _sums_tensor(self, names: list):
+    def _sums_tensor(self, sums: dict):
         import torch
 
-        return torch.stack([torch.as_tensor(self.metric_sums[name], dtype=torch.float64, device=self.accelerator.device).reshape(()) for name in names])
+        return torch.tensor(list(sums.values()), dtype=torch.float64, device=self.accelerator.device)
 
     def _unlogged_sums_of_every_rank(self) -> dict:
         """Every rank (a collective): {name: [each rank's sum since the last line]}, for the checkpoint."""
-        names = sorted(self.metric_sums)
-        if not names:
+        sums = self.values.sums()
+        if not sums:
             return {}
-        gathered = self.accelerator.gather(self._sums_tensor(names).reshape(1, -1)).reshape(-1, len(names)).tolist()
-        return {name: [row[column] for row in gathered] for column, name in enumerate(names)}
+        if self.accelerator.num_processes == 1:
+            return {name: [total] for name, total in sums.items()}
+        gathered = self.accelerator.gather(self._sums_tensor(sums).reshape(1, -1)).reshape(-1, len(sums)).tolist()
+        return {name: [row[column] for row in gathered] for column, name in enumerate(sums)}
 
     def _own_unlogged_sums(self, saved: dict, saved_world_size: int) -> dict:
         """This rank's share of the checkpoint's unlogged sums: its own on the same number of processes, else their mean
@@ -625,7 +626,7 @@ class Run:
         if self.saver.saved_step == self.progress.global_step:
             return  # on disk already (a best checkpoint, then save_steps): no need for the ranks' sums (a collective)
         self.progress.unlogged_values = self._unlogged_sums_of_every_rank()
-        self.progress.unlogged_steps = self.metric_steps
+        self.progress.unlogged_steps = self.values.steps
         self.saver.save(self.progress, reason, self.log_history, self.run_history, self._run_record())
         self.last_save_at = time.monotonic()
 
@@ -756,6 +757,61 @@ class Run:
             refuse_arguments(f"async_save must be True or False, not {async_save!r}")
         if logging_steps < 1:
             refuse_arguments("logging_steps must be at least 1")
+
+
+class StepValues:
+    """The values run.step() was given since the last log line: this rank's sum of each, in float64, added in step order.
+
+    A tensor is kept as it is until a log line or a save needs the sums: converting it at its step would make a
+    GPU wait for that step to finish (a host-device sync per step), and adding it to a tensor sum costs a kernel
+    per step. Converted at once, then added one by one in step order, the sums of a resumed run (which start from
+    the checkpoint's sums) are the uninterrupted run's to the last bit.
+    """
+
+    FOLD_EVERY = 1000  # steps: bounds the tensors held when log lines are far apart
+
+    def __init__(self, sums: dict | None = None, steps: int = 0):
+        self.totals = dict(sums or {})
+        self.pending = {name: [] for name in self.totals}  # per name, the values not yet added to its total
+        self.steps = steps
+
+    def add(self, values: dict) -> None:
+        for name, value in values.items():
+            pending = self.pending.get(name)
+            if pending is None:
+                pending = self.pending[name] = []
+                self.totals[name] = 0.0
+            pending.append(value.detach() if hasattr(value, "detach") else float(value))
+        self.steps += 1
+        if self.steps % self.FOLD_EVERY == 0:
+            self._fold()
+
+    def sums(self) -> dict:
+        """{name: this rank's sum}, by name."""
+        self._fold()
+        return {name: self.totals[name] for name in sorted(self.totals)}
+
+    def _fold(self) -> None:
+        for name, pending in self.pending.items():
+            tensors = [value for value in pending if not isinstance(value, float)]
+            if any(tensor.numel() != 1 for tensor in tensors):
+                numbers = max(tensor.numel() for tensor in tensors)
+                raise UsageError(f"run.step({name}=...) was given a tensor of {numbers} numbers: pass one number per step (loss=loss, not a batch of losses)")
+            converted = iter(_as_floats(tensors))
+            total = self.totals[name]
+            for value in pending:
+                total += value if isinstance(value, float) else next(converted)
+            self.totals[name] = total
+            pending.clear()
+
+
+def _as_floats(tensors: list) -> list:
+    """One float per one-number tensor: on the CPU each read directly, on a GPU all in one copy to the host."""
+    if not tensors or tensors[0].device.type == "cpu":
+        return [float(tensor) for tensor in tensors]
+    import torch
+
+    return torch.stack(tensors).reshape(-1).tolist()
 
 
 def refuse(line: str, code: int):

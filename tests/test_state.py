@@ -176,7 +176,7 @@ def test_lock_is_exclusive_and_released_with_its_holder(tmp_path):
     state.OutputDirLock(tmp_path).acquire()
 
 
-def test_routine_live_state_rewrites_are_skipped_until_50_times_their_duration_has_passed(tmp_path, monkeypatch):
+def test_routine_live_state_rewrites_are_skipped_until_200_times_their_duration_has_passed(tmp_path, monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(state.time, "monotonic", lambda: clock[0])
     written = []
@@ -188,10 +188,10 @@ def test_routine_live_state_rewrites_are_skipped_until_50_times_their_duration_h
     monkeypatch.setattr(state, "write_live_state", slow_write)
     live = state.LiveState(tmp_path)
     progress = state.TrainingState(global_step=0, total_steps=100, steps_per_epoch=10, global_batch_size=8)
-    for step in range(1, 11):  # a logging step every 100 ms: a routine rewrite is due every 500 ms
+    for step in range(1, 41):  # a logging step every 100 ms: a routine rewrite is due every 2 s (0.5 % of the time)
         progress.global_step = step
         clock[0] += 0.100
         live.write_if_due(progress, [], [])
-    assert written == [1, 6]
+    assert written == [1, 21]
     live.write(progress, [], [])  # a save, a stop or the end: at once
-    assert written == [1, 6, 10]
+    assert written == [1, 21, 40]
