@@ -17,6 +17,16 @@ lane="" arguments=()
 for argument in "$@"; do
     if [[ "$argument" == "--quick" ]]; then lane="quick and "; else arguments+=("$argument"); fi
 done
+# The SLURM and serial lanes run without pytest-xdist: its options (-n 2, --dist ...) go to the parallel lane only.
+one_at_a_time=() skip_value=0
+for argument in "${arguments[@]}"; do
+    if ((skip_value)); then skip_value=0; continue; fi
+    case "$argument" in
+        -n | --numprocesses | --dist | --maxprocesses) skip_value=1 ;;
+        -n* | --numprocesses=* | --dist=* | --maxprocesses=*) ;;
+        *) one_at_a_time+=("$argument") ;;
+    esac
+done
 # Paths among the arguments (tests/test_state.py, tests/test_state.py::name) select those tests;
 # without any, the whole suite runs.
 targets=(tests)
@@ -26,7 +36,7 @@ done
 python="${RESUMABLE_VENV:-$HERE/.venv}/bin/python"
 cluster_log=$(mktemp /tmp/resumable-slurm-lane.XXXXXX)
 set +e
-"$python" -m pytest "${targets[@]}" -m "${lane}slurm and not serial" -p no:xdist "${arguments[@]}" >"$cluster_log" 2>&1 &
+"$python" -m pytest "${targets[@]}" -m "${lane}slurm and not serial" -p no:xdist "${one_at_a_time[@]}" >"$cluster_log" 2>&1 &
 cluster_pid=$!
 trap 'kill "$cluster_pid" 2>/dev/null' EXIT
 "$python" -m pytest "${targets[@]}" -m "${lane}not serial and not slurm" -n "${RESUMABLE_TEST_WORKERS:-auto}" --dist worksteal "${arguments[@]}"
@@ -36,7 +46,7 @@ cluster=$?
 echo "---- the slurm lane (run beside the parallel one) ----"
 cat "$cluster_log"
 rm -f "$cluster_log"
-"$python" -m pytest "${targets[@]}" -m "${lane}serial" -p no:xdist "${arguments[@]}"
+"$python" -m pytest "${targets[@]}" -m "${lane}serial" -p no:xdist "${one_at_a_time[@]}"
 alone=$?
 # 5 is pytest's "no test selected": fine for some of the runs, not for all of them.
 codes=("$parallel" "$cluster" "$alone")
