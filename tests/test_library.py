@@ -315,6 +315,10 @@ MISUSE = {
     "not prepared": (dict(loader="loader"), "error: run.batches(dataloader): pass the DataLoader through accelerator.prepare(...) first"),
     "unseeded shuffle": (dict(seedable=False), "error: run.batches(dataloader): its shuffle is not seeded per epoch, so a resumed run would see another order; build the Accelerator with dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True"),
     "no object": (dict(before_start="run.register(counter=[])"), "error: run.register(counter=...): a list has no state_dict()/load_state_dict()"),
+    "a batch of losses": (
+        dict(per_step="run.step(loss=torch.nn.functional.mse_loss(model(x), y, reduction='none'))"),
+        "error: run.step(loss=...) was given a tensor of 8 numbers: pass one number per step (loss=loss, not a batch of losses)",
+    ),
     "best metric not measured": (
         dict(run_arguments=', evaluate=lambda: {"acc": 1.0}, best_metric="accuracy"'),
         "error: Run(best_metric='accuracy'): evaluate() returned ['acc']; name one of them, or return 'accuracy' too",
