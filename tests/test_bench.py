@@ -128,7 +128,7 @@ def test_seeding_cost_benchmark_times_steps_with_and_without_the_seeding(session
 
 @pytest.mark.slow
 def test_elastic_resume_benchmark_resumes_on_the_other_number_of_processes(session_env):
-    rows = run_bench(session_env, "elastic_resume.py", "--max_steps", 12, "--save_steps", 5, "--kill_at", 7, "--corpus_lines", 500, timeout=900)
+    rows = run_bench(session_env, "elastic_resume.py", "--max_steps", 12, "--save_steps", 5, "--resume_from_step", 5, "--corpus_lines", 500, timeout=900)
     assert [row[0] for row in rows] == ["2 → 1", "1 → 2"]
     assert all(0 <= number(row[1]) < 1e-5 for row in rows)
 
