@@ -7,6 +7,8 @@
     seed_micro_batch(seed, device)
                             called before each micro-batch's forward pass: the generators dropout
                             draws from (the CPU one, and this rank's accelerator device) start there
+    MicroBatchSeeding(seed, rank, world_size, device).before(step, slot)
+                            both in one call, as resumable.Run makes it before each micro-batch
     enable_full_determinism()
                             deterministic kernels for GPUs; must run before CUDA is initialised
 
@@ -43,12 +45,7 @@ def micro_batch_seeds(seed: int, step: int, rank: int, world_size: int, accumula
 
 def micro_batch_seed(seed: int, step: int, slot: int, rank: int, world_size: int) -> int:
     """The seed of this rank's micro-batch in accumulation `slot` of optimizer step `step` (counted from 1)."""
-    return _mix(seed, step, micro_batch_index(slot, rank, world_size))
-
-
-def _mix(seed: int, step: int, index: int) -> int:
-    # A hash, not seed + step + index: neighbouring keys must not give related streams.
-    return int.from_bytes(hashlib.blake2b(f"{seed}/{step}/{index}".encode(), digest_size=8).digest(), "little")
+    return MicroBatchSeeding(seed, rank, world_size).seed_of(step, slot)
 
 
 def seed_micro_batch(seed: int, device) -> None:
@@ -58,6 +55,37 @@ def seed_micro_batch(seed: int, device) -> None:
     torch.default_generator.manual_seed(seed)
     if device.type != "cpu":
         getattr(torch, device.type).manual_seed(seed)  # torch.cuda.manual_seed: this rank's current device only
+
+
+class MicroBatchSeeding:
+    """This rank's micro-batch seeds (`seed_of`), and the seeding before each micro-batch (`before`) in one call.
+
+    Why a class: run.batches seeds before every micro-batch, between two steps of the model, when the caches are
+    cold and each Python call or lookup costs ~1 µs. The key's constant part is hashed once and the generators are
+    looked up once, so the seeding is one call (bench/library_overhead.py, BENCHMARKS.md).
+    """
+
+    def __init__(self, seed: int, rank: int, world_size: int, device=None):
+        # A hash of "seed/step/index", not seed + step + index: neighbouring keys must not give related streams.
+        self.key_start = hashlib.blake2b(f"{seed}/".encode(), digest_size=8)
+        self.rank, self.world_size = rank, world_size
+        if device is not None:
+            import torch
+
+            self.seed_cpu = torch.default_generator.manual_seed
+            self.seed_device = None if device.type == "cpu" else getattr(torch, device.type).manual_seed  # this rank's current device only
+
+    def seed_of(self, step: int, slot: int) -> int:
+        key = self.key_start.copy()
+        key.update(f"{step}/{micro_batch_index(slot, self.rank, self.world_size)}".encode())
+        return int.from_bytes(key.digest(), "little")
+
+    def before(self, step: int, slot: int) -> None:
+        """Seed the CPU generator and this rank's device's with the seed of (step, slot)."""
+        seed = self.seed_of(step, slot)
+        self.seed_cpu(seed)
+        if self.seed_device is not None:
+            self.seed_device(seed)
 
 
 def enable_full_determinism() -> None:

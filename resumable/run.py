@@ -42,6 +42,7 @@ Exit codes (resumable.EXIT_*): 0 done · 2 bad use or input · 75 stopped early,
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import sys
 import time
@@ -474,7 +475,7 @@ class Run:
             self.live.write(self.progress, self.log_history, self.run_history)
 
     def _micro_batches(self, dataloader):
-        from resumable.randomness import micro_batch_seed, seed_micro_batch
+        from resumable.randomness import MicroBatchSeeding
 
         if self.already_complete:
             return
@@ -482,14 +483,14 @@ class Run:
             self._stop_here()
             return
         self.step_began = self.last_log_at = time.monotonic()
-        rank, world_size, device = self.accelerator.process_index, self.accelerator.num_processes, self.accelerator.device
+        seeding = MicroBatchSeeding(self.micro_batch_seed, self.accelerator.process_index, self.accelerator.num_processes, self.accelerator.device)
         try:
             for batch in self._remaining_micro_batches(dataloader):
                 if self.stopped:  # run.step() agreed to stop after the previous micro-batch
                     return
                 if self.micro_batches_in_step == self.accumulation:
                     self._refuse(f"error: run.step() was not called after step {self.progress.global_step + 1}'s {self.accumulation} micro-batch(es): call it once after each optimizer step", EXIT_USAGE)
-                seed_micro_batch(micro_batch_seed(self.micro_batch_seed, self.progress.global_step + 1, self.micro_batches_in_step, rank, world_size), device)
+                seeding.before(self.progress.global_step + 1, self.micro_batches_in_step)
                 self.micro_batches_in_step += 1
                 yield batch
         except UsageError as error:  # a stream's epoch that yielded no batch
@@ -500,17 +501,25 @@ class Run:
             self._refuse(f"error: run.step() was not called after step {self.progress.global_step + 1}'s micro-batches: call it once after each optimizer step", EXIT_USAGE)
 
     def _remaining_micro_batches(self, dataloader):
+        """An iterator over the micro-batches to train, epoch after epoch, from the resume point on."""
+        if self.stream is not None:
+            return self._stream_micro_batches()
+        # chain.from_iterable: each micro-batch passes through no Python frame of its own (a generator per batch
+        # costs µs between two model steps); the next epoch's iterator is made when this one is used up.
+        return itertools.chain.from_iterable(self._epochs_to_train(dataloader))
+
+    def _epochs_to_train(self, dataloader):
         from resumable.batches import micro_batches_of_epoch
 
-        if self.stream is not None:
-            for batch in self.stream.micro_batches(until=lambda: self.stopped or self.progress.global_step >= self.progress.total_steps):
-                self.progress.stream_epoch = self.stream.reported_epoch  # trainer_state.json's epoch: the main process's passes completed
-                yield batch
-            return
         while not self.stopped and self.progress.global_step < self.progress.total_steps:
             epoch, steps_done_in_epoch = divmod(self.progress.global_step, self.steps_per_epoch)
             steps_to_take = min(self.steps_per_epoch - steps_done_in_epoch, self.progress.total_steps - self.progress.global_step)
-            yield from micro_batches_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, self.accumulation)
+            yield micro_batches_of_epoch(dataloader, epoch, steps_done_in_epoch, steps_to_take, self.accumulation)
+
+    def _stream_micro_batches(self):
+        for batch in self.stream.micro_batches(until=lambda: self.stopped or self.progress.global_step >= self.progress.total_steps):
+            self.progress.stream_epoch = self.stream.reported_epoch  # trainer_state.json's epoch: the main process's passes completed
+            yield batch
 
     # ------------------------------------------------------------------ the per-step call
 
@@ -762,10 +771,10 @@ class Run:
 class StepValues:
     """The values run.step() was given since the last log line: this rank's sum of each, in float64, added in step order.
 
-    A tensor is kept as it is until a log line or a save needs the sums: converting it at its step would make a
-    GPU wait for that step to finish (a host-device sync per step), and adding it to a tensor sum costs a kernel
-    per step. Converted at once, then added one by one in step order, the sums of a resumed run (which start from
-    the checkpoint's sums) are the uninterrupted run's to the last bit.
+    A number on the CPU is read at its step (`.item()`: no wait, and no tensor kept). A tensor on a GPU is kept as it
+    is until a log line or a save needs the sums: reading it at its step would make the host wait for that step's
+    kernels (a host-device sync per step). Read at once, then added one by one in step order, the sums of a resumed
+    run (which start from the checkpoint's sums) are the uninterrupted run's to the last bit.
     """
 
     FOLD_EVERY = 1000  # steps: bounds the tensors held when log lines are far apart
@@ -781,7 +790,14 @@ class StepValues:
             if pending is None:
                 pending = self.pending[name] = []
                 self.totals[name] = 0.0
-            pending.append(value.detach() if hasattr(value, "detach") else float(value))
+            if not hasattr(value, "detach"):
+                pending.append(float(value))
+            elif value.is_cpu:
+                if value.numel() != 1:
+                    raise _batch_of_numbers(name, value.numel())
+                pending.append(float(value.item()))  # float(): an integer tensor's item() is an int
+            else:
+                pending.append(value.detach())
         self.steps += 1
         if self.steps % self.FOLD_EVERY == 0:
             self._fold()
@@ -794,24 +810,22 @@ class StepValues:
     def _fold(self) -> None:
         for name, pending in self.pending.items():
             tensors = [value for value in pending if not isinstance(value, float)]
-            if any(tensor.numel() != 1 for tensor in tensors):
-                numbers = max(tensor.numel() for tensor in tensors)
-                raise UsageError(f"run.step({name}=...) was given a tensor of {numbers} numbers: pass one number per step (loss=loss, not a batch of losses)")
-            converted = iter(_as_floats(tensors))
+            if tensors:
+                if any(tensor.numel() != 1 for tensor in tensors):
+                    raise _batch_of_numbers(name, max(tensor.numel() for tensor in tensors))
+                import torch
+
+                read = iter(torch.stack(tensors).reshape(-1).tolist())  # all of them in one copy to the host
+                pending = [value if isinstance(value, float) else next(read) for value in pending]
             total = self.totals[name]
             for value in pending:
-                total += value if isinstance(value, float) else next(converted)
+                total += value
             self.totals[name] = total
-            pending.clear()
+            self.pending[name] = []
 
 
-def _as_floats(tensors: list) -> list:
-    """One float per one-number tensor: on the CPU each read directly, on a GPU all in one copy to the host."""
-    if not tensors or tensors[0].device.type == "cpu":
-        return [float(tensor) for tensor in tensors]
-    import torch
-
-    return torch.stack(tensors).reshape(-1).tolist()
+def _batch_of_numbers(name: str, numbers: int) -> UsageError:
+    return UsageError(f"run.step({name}=...) was given a tensor of {numbers} numbers: pass one number per step (loss=loss, not a batch of losses)")
 
 
 def refuse(line: str, code: int):

@@ -244,10 +244,16 @@ class StopCheck:
         return self.agreement.at_step_boundary(asked) if at_step_boundary else self.agreement.now(asked)
 
     def requested_with(self, save_due: bool) -> tuple[bool, bool]:
-        """(stop now?, save now?) at a step boundary: both agreed by every rank at the same step (a collective)."""
-        if self.deadline.reached(time.time()):
+        """(stop now?, save now?) at a step boundary: both agreed by every rank at the same step (a collective).
+
+        Asked at every step: the shortcuts below (no deadline, one process) keep it to a few lookups.
+        """
+        if self.deadline.at is not None and self.deadline.reached(time.time()):
             self.requests.request("deadline")
-        stop, save = self.agreement.flags_at_step_boundary((self.requests.reason is not None, save_due))
+        asked = self.requests.reason is not None
+        if self.agreement.world_size == 1:
+            return asked, save_due  # nothing to agree on
+        stop, save = self.agreement.flags_at_step_boundary((asked, save_due))
         return stop, save
 
     def settle(self) -> None:

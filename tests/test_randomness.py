@@ -3,8 +3,10 @@
 import subprocess
 import sys
 
+import torch
+
 from conftest import REPO, file_digest, tiny_flags, train
-from resumable.randomness import micro_batch_seeds
+from resumable.randomness import MicroBatchSeeding, micro_batch_seed, micro_batch_seeds
 
 FLAGS = dict(max_train_samples=200, max_steps=30, save_steps=10, gradient_accumulation_steps=2)
 
@@ -20,6 +22,15 @@ def seeds_of_global_batch(world_size: int, accumulation: int, step: int) -> dict
         for slot, seed in enumerate(micro_batch_seeds(42, step, rank, world_size, accumulation)):
             seeds[((step - 1) * accumulation + slot) * world_size + rank] = seed
     return seeds
+
+
+def test_the_seeds_are_the_ones_checkpoints_were_trained_with():
+    # Pinned: a changed seed function would give a resumed run other dropout masks than its first part had, silently.
+    assert [micro_batch_seed(0, 1, 0, 0, 1), micro_batch_seed(42, 5, 1, 1, 2), micro_batch_seed(1234, 100000, 3, 2, 4)] == [
+        5492360401230830419, 1329558323325687153, 6855866066612433206]
+    seeding = MicroBatchSeeding(42, 1, 2, torch.device("cpu"))
+    seeding.before(5, 1)  # what run.batches calls before the micro-batch
+    assert torch.initial_seed() == micro_batch_seed(42, 5, 1, 1, 2)
 
 
 def test_the_same_samples_get_the_same_seed_in_every_layout_of_the_global_batch():
