@@ -66,6 +66,7 @@ class MicroBatchSeeding:
     """
 
     def __init__(self, seed: int, rank: int, world_size: int, device=None):
+        """`device`: the accelerator device whose generator `before` seeds; `seed_of` alone needs none."""
         # A hash of "seed/step/index", not seed + step + index: neighbouring keys must not give related streams.
         self.key_start = hashlib.blake2b(f"{seed}/".encode(), digest_size=8)
         self.rank, self.world_size = rank, world_size

@@ -162,9 +162,12 @@ class Deadline:
             self.step_seconds = seconds
         self.steps_timed += 1
 
-    def reached(self, now: float) -> bool:
+    def reached(self, now: float | None = None) -> bool:
+        """Is it time to stop, with the margin? `now` defaults to the clock, read only when there is a deadline."""
         if self.at is None:
             return False
+        if now is None:
+            now = time.time()
         saves_to_wait_for = 2 if self.save_in_flight else 1  # the one in flight, then the stop's own
         margin = 1.5 * self.save_seconds * saves_to_wait_for + 3 * self.step_seconds + 2.0
         return now + margin >= self.at
@@ -238,22 +241,16 @@ class StopCheck:
 
     def requested(self, at_step_boundary: bool = True) -> bool:
         """A collective; `at_step_boundary=False` decides at once (outside the step loop)."""
-        if self.deadline.reached(time.time()):
+        if self.deadline.reached():
             self.requests.request("deadline")
         asked = self.requests.reason is not None
         return self.agreement.at_step_boundary(asked) if at_step_boundary else self.agreement.now(asked)
 
     def requested_with(self, save_due: bool) -> tuple[bool, bool]:
-        """(stop now?, save now?) at a step boundary: both agreed by every rank at the same step (a collective).
-
-        Asked at every step: the shortcuts below (no deadline, one process) keep it to a few lookups.
-        """
-        if self.deadline.at is not None and self.deadline.reached(time.time()):
+        """(stop now?, save now?) at a step boundary: both agreed by every rank at the same step (a collective)."""
+        if self.deadline.reached():
             self.requests.request("deadline")
-        asked = self.requests.reason is not None
-        if self.agreement.world_size == 1:
-            return asked, save_due  # nothing to agree on
-        stop, save = self.agreement.flags_at_step_boundary((asked, save_due))
+        stop, save = self.agreement.flags_at_step_boundary((self.requests.reason is not None, save_due))
         return stop, save
 
     def settle(self) -> None:
